@@ -1,0 +1,110 @@
+"""The one definition of `ratio` and all rank <-> parameter accounting.
+
+``ratio`` R is the fraction of parameters REMOVED from the target linear layers
+(SVD-LLM's definition). A rank-r factorization of an m x n matrix stores r (m + n)
+parameters; a rank whose factors would store m n or more is kept dense.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from lrc.errors import BudgetError, ConfigError
+
+Shape = tuple[int, int]  # (out_features m, in_features n)
+
+
+def check_ratio(ratio: float) -> float:
+    """Return ``ratio`` as a float if it lies in the open interval (0, 1)."""
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise ConfigError(f"ratio={ratio!r} is not a number; expected a fraction in (0, 1)") from None
+    if not (0.0 < value < 1.0) or math.isnan(value):
+        raise ConfigError(f"ratio={ratio!r} is outside (0, 1): it is the fraction of target parameters removed")
+    return value
+
+
+def break_even_rank(shape: Shape) -> int:
+    """Largest rank whose factors store fewer parameters than the dense matrix (at least 1)."""
+    m, n = shape
+    return max(1, (m * n - 1) // (m + n))
+
+
+def stored_params(shape: Shape, rank: int) -> int:
+    """Parameters stored for ``shape`` at ``rank`` (dense when factors would not be smaller)."""
+    m, n = shape
+    return min(rank * (m + n), m * n)
+
+
+def is_low_rank(shape: Shape, rank: int) -> bool:
+    m, n = shape
+    return rank * (m + n) < m * n
+
+
+def uniform_rank(shape: Shape, ratio: float) -> int:
+    """r = floor((1 - R) m n / (m + n)), the closed form of uniform allocation (at least 1)."""
+    m, n = shape
+    return max(1, math.floor((1.0 - ratio) * m * n / (m + n)))
+
+
+def rank_for_ratio(shape: Shape, ratio: float) -> int:
+    """Rank removing (at least) fraction ``ratio`` of this matrix; ratio <= 0 keeps it dense."""
+    if ratio <= 0.0:
+        return min(shape)
+    return min(uniform_rank(shape, min(ratio, 1.0)), break_even_rank(shape))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Parameter budget over the target linears for a removal ratio."""
+
+    shapes: Mapping[str, Shape]
+    ratio: float
+
+    @property
+    def params_before(self) -> int:
+        return sum(m * n for m, n in self.shapes.values())
+
+    @property
+    def params_allowed(self) -> int:
+        """Most parameters the target linears may store after compression."""
+        return math.floor((1.0 - self.ratio) * self.params_before)
+
+    @property
+    def slack(self) -> int:
+        """How far under the budget a plan may land: one rank step per matrix."""
+        return sum(m + n for m, n in self.shapes.values())
+
+    def params_after(self, plan: Mapping[str, int]) -> int:
+        return sum(stored_params(shape, plan[name]) for name, shape in self.shapes.items())
+
+    def removed_fraction(self, plan: Mapping[str, int]) -> float:
+        return 1.0 - self.params_after(plan) / self.params_before
+
+
+def check_plan(plan: Mapping[str, int], budget: Budget) -> None:
+    """Raise :class:`BudgetError` unless ``plan`` meets ``budget`` exactly.
+
+    Exactly means: every target has an integer rank in [1, min(m, n)], the plan stores no
+    more than the allowed parameters, and it is under them by less than one rank step per
+    matrix.
+    """
+    missing = sorted(set(budget.shapes) - set(plan))
+    extra = sorted(set(plan) - set(budget.shapes))
+    if missing or extra:
+        raise BudgetError(f"rank plan does not match the targets: missing {missing[:3]}, unknown {extra[:3]}")
+    for name, rank in plan.items():
+        m, n = budget.shapes[name]
+        if not isinstance(rank, int) or not 1 <= rank <= min(m, n):
+            raise BudgetError(f"rank {rank!r} for {name} is outside [1, {min(m, n)}]")
+    after, allowed = budget.params_after(plan), budget.params_allowed
+    if after > allowed:
+        raise BudgetError(f"rank plan stores {after} parameters, over the budget of {allowed}")
+    if allowed - after >= budget.slack:
+        raise BudgetError(
+            f"rank plan stores {after} parameters, under the budget of {allowed} by more than "
+            f"one rank step per matrix ({budget.slack})"
+        )

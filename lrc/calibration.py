@@ -1,0 +1,208 @@
+"""Deterministic token windows from a text source.
+
+Sources (each a small dataclass with ``text()`` / ``documents()`` and ``describe()``):
+
+* :class:`EmbeddedText` - the public-domain corpus shipped in ``lrc/data`` (offline default),
+  split by character position into disjoint calibration / validation / test parts;
+* :class:`TextFile` - a plain-text file, or every ``*.txt`` in a folder;
+* :class:`HFDataset` - WikiText-2, C4, PTB ... through ``datasets`` (needs the hub; also
+  reads local files in the same format with ``path=json`` / ``data_files=``).
+
+Sampling follows the papers: ``stream`` joins the text into one token stream and draws
+``nsamples`` random windows of ``seqlen`` tokens (WikiText-2 in SVD-LLM); ``documents``
+draws a random document at least ``seqlen`` tokens long, then a random window in it (C4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrc.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_FILE = "britannica_1911_shakespeare.txt"
+# Disjoint parts of the embedded corpus, as fractions of its characters (cut at line ends).
+EMBEDDED_SPLITS = {"calibration": (0.0, 0.6), "validation": (0.6, 0.75), "test": (0.75, 1.0)}
+SAMPLING = ("stream", "documents")
+
+
+def _embedded_corpus() -> str:
+    return resources.files("lrc").joinpath("data", EMBEDDED_FILE).read_text(encoding="utf-8")
+
+
+def _cut(text: str, frac: float) -> int:
+    if frac <= 0.0:
+        return 0
+    if frac >= 1.0:
+        return len(text)
+    pos = text.find("\n", int(len(text) * frac))
+    return len(text) if pos < 0 else pos + 1
+
+
+@dataclass(frozen=True)
+class EmbeddedText:
+    """A split of the embedded corpus (1911 Britannica, public domain; see lrc/data/README.md)."""
+
+    split: str = "calibration"
+
+    def text(self) -> str:
+        if self.split not in EMBEDDED_SPLITS:
+            raise ConfigError(f"split={self.split!r} is not one of {sorted(EMBEDDED_SPLITS)}")
+        full = _embedded_corpus()
+        lo, hi = EMBEDDED_SPLITS[self.split]
+        return full[_cut(full, lo):_cut(full, hi)]
+
+    def documents(self) -> list[str]:
+        return [self.text()]
+
+    def describe(self) -> dict[str, Any]:
+        digest = hashlib.sha256(_embedded_corpus().encode()).hexdigest()[:16]
+        return {"source": "embedded", "file": EMBEDDED_FILE, "sha256": digest, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class TextFile:
+    """A UTF-8 text file, or every ``*.txt`` file of a folder (sorted, one document each)."""
+
+    path: str
+
+    def _files(self) -> list[Path]:
+        path = Path(self.path).expanduser()
+        if path.is_file():
+            return [path]
+        if path.is_dir():
+            files = sorted(path.rglob("*.txt"))
+            if files:
+                return files
+            raise DataError(f"text folder {self.path!r} contains no *.txt files")
+        raise DataError(f"text path {self.path!r} does not exist")
+
+    def documents(self) -> list[str]:
+        docs = []
+        for f in self._files():
+            try:
+                docs.append(f.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as exc:
+                raise DataError(f"text file {str(f)!r} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        return docs
+
+    def text(self) -> str:
+        return "\n\n".join(self.documents())
+
+    def describe(self) -> dict[str, Any]:
+        files = self._files()
+        return {"source": "textfile", "files": [str(f.resolve()) for f in files],
+                "sizes": [f.stat().st_size for f in files], "mtimes": [f.stat().st_mtime_ns for f in files]}
+
+
+@dataclass(frozen=True)
+class HFDataset:
+    """A dataset through ``datasets.load_dataset`` (WikiText-2, C4, PTB, or local json/parquet)."""
+
+    path: str = "wikitext"
+    name: str | None = "wikitext-2-raw-v1"
+    split: str = "train"
+    column: str = "text"
+    data_files: Any = None
+    joiner: str = "\n\n"
+
+    def documents(self) -> list[str]:
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(self.path, self.name, split=self.split, data_files=self.data_files)
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types; one clear line for the user
+            raise DataError(f"cannot load dataset {self.path!r} ({self.name}, split {self.split}): "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        if self.column not in ds.column_names:
+            raise DataError(f"dataset {self.path!r} has no column {self.column!r} (columns: {ds.column_names})")
+        return list(ds[self.column])
+
+    def text(self) -> str:
+        return self.joiner.join(self.documents())
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": "hf", **{k: (str(v) if k == "data_files" else v) for k, v in asdict(self).items()}}
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """One 1-D LongTensor of token ids for ``text`` (no special tokens added)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens from one stream (nsamples x seqlen)."""
+    _check_sizes(nsamples, seqlen)
+    if ids.numel() < seqlen:
+        raise DataError(f"calibration text has {ids.numel()} tokens, shorter than one window of seqlen={seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def sample_document_windows(documents: list[str], tokenizer: Any, nsamples: int, seqlen: int, seed: int,
+                            max_draws: int = 100_000) -> torch.Tensor:
+    """C4-style: a random document with more than ``seqlen`` tokens, then a random window in it."""
+    _check_sizes(nsamples, seqlen)
+    if not documents:
+        raise DataError("calibration source has no documents")
+    gen = torch.Generator().manual_seed(seed)
+    windows = []
+    for _ in range(max_draws):
+        if len(windows) == nsamples:
+            break
+        doc = documents[int(torch.randint(len(documents), (1,), generator=gen))]
+        ids = tokenize(tokenizer, doc)
+        if ids.numel() <= seqlen:
+            continue
+        start = int(torch.randint(0, ids.numel() - seqlen, (1,), generator=gen))
+        windows.append(ids[start:start + seqlen])
+    if len(windows) < nsamples:
+        raise DataError(f"found only {len(windows)} documents longer than seqlen={seqlen} tokens "
+                        f"in {max_draws} draws; need nsamples={nsamples}")
+    return torch.stack(windows)
+
+
+def _check_sizes(nsamples: int, seqlen: int) -> None:
+    if not isinstance(nsamples, int) or nsamples < 1:
+        raise ConfigError(f"nsamples={nsamples!r} must be a positive integer")
+    if not isinstance(seqlen, int) or seqlen < 2:
+        raise ConfigError(f"seqlen={seqlen!r} must be an integer >= 2")
+
+
+def calibration_windows(source: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int,
+                        sampling: str = "stream") -> torch.Tensor:
+    """Token windows (nsamples x seqlen) drawn deterministically from ``source``."""
+    if sampling not in SAMPLING:
+        raise ConfigError(f"sampling={sampling!r} is not one of {SAMPLING}")
+    if sampling == "documents":
+        return sample_document_windows(source.documents(), tokenizer, nsamples, seqlen, seed)
+    return sample_windows(tokenize(tokenizer, source.text()), nsamples, seqlen, seed)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What calibration data a run uses: ``nsamples`` x ``seqlen`` windows drawn with ``seed``."""
+
+    source: Any
+    nsamples: int = 16
+    seqlen: int = 512
+    seed: int = 0
+    sampling: str = "stream"
+    batch_size: int = 4
+
+    def windows(self, tokenizer: Any) -> torch.Tensor:
+        return calibration_windows(self.source, tokenizer, self.nsamples, self.seqlen, self.seed, self.sampling)
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source.describe(), "nsamples": self.nsamples, "seqlen": self.seqlen,
+                "seed": self.seed, "sampling": self.sampling}

@@ -1,0 +1,5 @@
+"""Factorizers: how one matrix is truncated to a given rank (see ``base.Factorizer``)."""
+
+from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics
+
+__all__ = ["Decomposition", "Factorizer", "InputStatistics"]

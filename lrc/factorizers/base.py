@@ -1,0 +1,119 @@
+"""The factorizer protocol.
+
+A factorizer never sees the model: it gets one weight W (m x n, out x in) and the
+statistics of that weight's input, and returns a :class:`Decomposition` that can be
+truncated to any rank cheaply and exposes the spectrum it truncates in its own loss
+metric (so every allocator works with every factorizer).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from lrc.errors import ConfigError
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass
+class InputStatistics:
+    """Calibration statistics of one input shared by one or more linears (q/k/v, gate/up).
+
+    ``gram`` is G = sum_t x_t x_tᵀ over all calibration tokens (n x n, float64).
+    ``derived`` holds quantities computed from them once and shared by the linears that
+    read this input (for example a whitening factor); it is never saved.
+    """
+
+    tokens: int
+    gram: torch.Tensor | None = None
+    derived: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Decomposition:
+    """A matrix decomposed once: its rank-r truncation is ``left[:, :r] @ right[:r]``.
+
+    ``spectrum`` (descending) holds the singular values in the factorizer's loss metric:
+    the loss of truncating to rank r is ``sum(spectrum[r:] ** 2)``.
+    """
+
+    left: torch.Tensor  # m x k
+    right: torch.Tensor  # k x n
+    spectrum: torch.Tensor  # k
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_rank(self) -> int:
+        return self.spectrum.numel()
+
+    def factors(self, rank: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """B (m x rank) and A (rank x n) with B A the rank-``rank`` truncation."""
+        if not 1 <= rank <= self.max_rank:
+            raise ConfigError(f"rank={rank} is outside [1, {self.max_rank}] for a {self.shape} matrix")
+        B, A = self.left[:, :rank], self.right[:rank]
+        if dtype is not None:
+            B, A = B.to(dtype), A.to(dtype)
+        return B.contiguous(), A.contiguous()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.left.shape[0], self.right.shape[1])
+
+    def truncation_error(self, rank: int) -> float:
+        """Loss of the rank-``rank`` truncation in the factorizer's metric."""
+        return float((self.spectrum[rank:].double() ** 2).sum())
+
+    def energy(self) -> torch.Tensor:
+        """Cumulative retained energy fraction for ranks 1..k (float64)."""
+        sq = self.spectrum.double() ** 2
+        total = sq.sum()
+        if total <= 0:
+            return torch.ones_like(sq)
+        return torch.cumsum(sq, 0) / total
+
+
+class Factorizer(ABC):
+    """Decomposes one weight given its input statistics.
+
+    ``needs`` names the statistics kinds the pipeline must collect for it
+    (``"gram"``: the input Gram matrix).
+    """
+
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, compute_dtype: str = "float64") -> None:
+        if compute_dtype not in DTYPES:
+            raise ConfigError(f"compute_dtype={compute_dtype!r} is not one of {sorted(DTYPES)}")
+        self.compute_dtype = DTYPES[compute_dtype]
+
+    @abstractmethod
+    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None) -> Decomposition:
+        """Decompose ``weight`` (m x n) once; truncate later with ``Decomposition.factors``."""
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data identity of this factorizer and its options."""
+        return {"name": type(self).__name__, **{k: str(v) for k, v in vars(self).items()}}
+
+
+def projection_decomposition(weight: torch.Tensor, basis: torch.Tensor, spectrum: torch.Tensor,
+                             diagnostics: dict[str, Any] | None = None) -> Decomposition:
+    """W_r = U_r U_rᵀ W for an orthonormal output basis U (m x k): left = U, right = Uᵀ W.
+
+    Plain SVD, ASVD and SVD-LLM all truncate this way (U = left singular vectors of W S
+    for their input scaling S); writing it as a projection needs no S^-1, so an
+    ill-conditioned or singular S cannot produce huge or non-finite factors.
+    """
+    W = weight.to(basis.dtype)
+    return Decomposition(left=basis, right=basis.T @ W, spectrum=spectrum, diagnostics=diagnostics or {})
+
+
+def require_gram(stats: InputStatistics | None, n: int, who: str) -> torch.Tensor:
+    if stats is None or stats.gram is None:
+        raise ConfigError(f"{who} needs the input Gram matrix, but no statistics were collected")
+    if stats.gram.shape != (n, n):
+        raise ConfigError(f"{who}: input Gram of shape {tuple(stats.gram.shape)} does not match weight with {n} inputs")
+    return stats.gram

@@ -1,0 +1,18 @@
+"""Plain truncated SVD of W: the data-free control (catastrophic on real LLMs)."""
+
+from __future__ import annotations
+
+import torch
+
+from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics, projection_decomposition
+
+
+class PlainSVD(Factorizer):
+    """W ≈ U_r Σ_r V_rᵀ; the loss is ||W - W'||_F², the sum of discarded σ²."""
+
+    needs = frozenset()
+
+    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None) -> Decomposition:
+        W = weight.detach().to(self.compute_dtype)
+        U, S, _ = torch.linalg.svd(W, full_matrices=False)
+        return projection_decomposition(W, U, S)

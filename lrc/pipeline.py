@@ -1,0 +1,183 @@
+"""The whole run as one function: statistics -> allocate -> factorize -> benchmark -> record.
+
+Library code: plain typed arguments, no Hydra, usable from a notebook.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lrc.adapters import TargetLinear, find_targets
+from lrc.allocators.base import Allocator, MatrixInfo
+from lrc.budget import Budget, check_plan, is_low_rank
+from lrc.cache import JsonCache, StatisticsCache, cache_key
+from lrc.calibration import Calibration
+from lrc.evaluation import PerplexityBenchmark, run_benchmarks
+from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics
+from lrc.layers import LowRankLinear, replace_module
+from lrc.models import LoadedModel
+from lrc.statistics import collect_statistics, decoder_forward
+from lrc.tracking import Tracker
+
+log = logging.getLogger(__name__)
+STATS_MODE = "whole-model"
+
+
+@dataclass
+class Outcome:
+    """Everything a run produced, ready for the record."""
+
+    ranks: dict[str, int]
+    params: dict[str, float]
+    metrics: dict[str, float]
+    dense_metrics: dict[str, float]
+    timings: dict[str, float]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, key: str):
+        watch = self
+
+        class _Lap:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                watch.timings[key] = watch.timings.get(key, 0.0) + time.perf_counter() - self.start
+
+        return _Lap()
+
+
+def model_size(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) of the model, tied weights counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def dense_metrics(loaded: LoadedModel, benchmarks: list[PerplexityBenchmark], cache: JsonCache) -> tuple[dict, bool]:
+    """The dense model's benchmark metrics, computed once per (model, benchmarks) and cached."""
+    key = cache_key({"model": loaded.identity, "benchmarks": [b.describe() for b in benchmarks], "protocol": 1})
+    cached = cache.load(key)
+    if cached is not None:
+        return cached, True
+    metrics = run_benchmarks(loaded.model, loaded.tokenizer, benchmarks)
+    cache.save(key, metrics)
+    return metrics, False
+
+
+def calibration_statistics(loaded: LoadedModel, targets: list[TargetLinear], calibration: Calibration,
+                           windows: torch.Tensor, kinds: frozenset[str], cache: StatisticsCache
+                           ) -> tuple[dict[str, InputStatistics], bool]:
+    key = cache_key({
+        "model": loaded.identity, "calibration": calibration.describe(), "kinds": sorted(kinds), "mode": STATS_MODE,
+        "targets": sorted({(t.group, t.shape[1]) for t in targets}),
+    })
+    return cache.get_or_compute(
+        key, lambda: collect_statistics(loaded.model, targets, windows, kinds, calibration.batch_size))
+
+
+def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator: Allocator, ratio: float,
+                          calibration: Calibration, benchmarks: list[PerplexityBenchmark], cache_dir: Path,
+                          tracker: Tracker | None = None, measure_forward: bool = True) -> Outcome:
+    """Compress ``loaded.model`` in place to remove ``ratio`` of its target parameters; evaluate it."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    watch, diagnostics = Stopwatch(), {}
+    targets = find_targets(model)
+    by_name = {t.name: t for t in targets}
+    budget = Budget({t.name: t.shape for t in targets}, ratio)
+    model_before, bytes_before = model_size(model)
+
+    kinds = frozenset(factorizer.needs | allocator.needs)
+    stats: dict[str, InputStatistics] = {}
+    with watch("calibration_s"):
+        windows = calibration.windows(tokenizer)  # validates the data before any heavy work
+        if kinds:
+            stats, diagnostics["statistics_cached"] = calibration_statistics(
+                loaded, targets, calibration, windows, kinds, StatisticsCache(cache_dir))
+    if kinds and measure_forward and not diagnostics["statistics_cached"]:
+        watch.timings["calibration_forward_s"] = decoder_forward(model, windows, calibration.batch_size)
+        log.info("statistics took %.1fs, a plain forward over the same %d tokens %.1fs (ratio %.2f)",
+                 watch.timings["calibration_s"], windows.numel(), watch.timings["calibration_forward_s"],
+                 watch.timings["calibration_s"] / watch.timings["calibration_forward_s"])
+
+    with watch("dense_benchmark_s"):
+        dense, diagnostics["dense_metrics_cached"] = dense_metrics(loaded, benchmarks, JsonCache(cache_dir, "dense"))
+    log.info("dense model: %s", _fmt(dense))
+
+    def decompose(name: str) -> Decomposition:
+        weight = model.get_submodule(name).weight
+        return factorizer.decompose(weight, stats.get(by_name[name].group))
+
+    decompositions: dict[str, Decomposition] = {}
+    if allocator.needs_spectra:
+        with watch("factorization_s"):
+            for t in tqdm(targets, desc="spectra", leave=False, disable=None):
+                decompositions[t.name] = decompose(t.name)
+    matrices = [MatrixInfo(t.name, t.shape, t.block, t.sublayer, t.kind,
+                           decompositions[t.name].spectrum if t.name in decompositions else None) for t in targets]
+    with watch("allocation_s"):
+        plan = allocator.allocate(matrices, budget)
+        check_plan(plan, budget)
+
+    errors, damping = {}, {}
+    with watch("factorization_s"):
+        for t in tqdm(targets, desc="factorize", leave=False, disable=None):
+            rank = plan[t.name]
+            if not is_low_rank(t.shape, rank):
+                continue  # kept dense: factors would not be smaller
+            dec = decompositions.pop(t.name, None) or decompose(t.name)
+            errors[t.name] = dec.truncation_error(rank)
+            if dec.diagnostics.get("damping"):
+                damping[t.name] = dec.diagnostics["damping"]
+            dense_layer = model.get_submodule(t.name)
+            B, A = dec.factors(rank, dtype=dense_layer.weight.dtype)
+            low = LowRankLinear.from_factors(B.to(dense_layer.weight.device), A.to(dense_layer.weight.device),
+                                             dense_layer.bias)
+            replace_module(model, t.name, low)
+            del dec
+    if damping:
+        log.warning("whitening needed damping for %d matrices (max %.3g x mean diag)", len(damping),
+                    max(damping.values()))
+    diagnostics.update(truncation_error=errors, damping=damping)
+
+    target_after = sum(_stored(model.get_submodule(t.name)) for t in targets)
+    assert target_after == budget.params_after(plan), "swapped modules disagree with the rank plan"
+    model_after, bytes_after = model_size(model)
+    params = {"target_before": budget.params_before, "target_after": target_after,
+              "model_before": model_before, "model_after": model_after,
+              "model_bytes_before": bytes_before, "model_bytes_after": bytes_after,
+              "removed_fraction": budget.removed_fraction(plan)}
+    log.info("removed %.4f of %d target parameters (budget %.4f)", params["removed_fraction"],
+             budget.params_before, ratio)
+
+    with watch("benchmark_s"):
+        metrics = run_benchmarks(model, tokenizer, benchmarks)
+    log.info("compressed model: %s", _fmt(metrics))
+    if tracker is not None:
+        tracker.log_metrics({**metrics, **{f"dense/{k}": v for k, v in dense.items()},
+                             "removed_fraction": params["removed_fraction"]})
+        tracker.log_table("rank_plan", ["module", "block", "kind", "out", "in", "rank", "truncation_error"],
+                          [[t.name, t.block, t.kind, t.shape[0], t.shape[1], plan[t.name], errors.get(t.name)]
+                           for t in targets])
+    return Outcome(ranks=dict(plan), params=params, metrics=metrics, dense_metrics=dense,
+                   timings=watch.timings, diagnostics=diagnostics)
+
+
+def _stored(module: nn.Module) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if not n.endswith("bias"))
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} = {v:.4g}" for k, v in metrics.items())

@@ -1,0 +1,66 @@
+"""The run record, ``result.json``: schema, atomic write, resume check.
+
+Schema (later issues, tests and users rely on it)::
+
+    {"status": "done" | "failed", "config": {...}, "ranks": {module: rank},
+     "params": {"target_before", "target_after", "model_before", "model_after", "removed_fraction"},
+     "metrics": {"ppl/<benchmark>": float, ...}, "dense_metrics": {same keys},
+     "timings": {"load_s", "calibration_s", "allocation_s", "factorization_s", "benchmark_s", "total_s", ...},
+     "versions": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from lrc.cache import atomic_write_json
+
+RESULT_FILE = "result.json"
+REQUIRED_KEYS = ("status", "config", "ranks", "params", "metrics", "dense_metrics", "timings", "versions")
+PARAM_KEYS = ("target_before", "target_after", "model_before", "model_after", "removed_fraction")
+TIMING_KEYS = ("load_s", "calibration_s", "allocation_s", "factorization_s", "benchmark_s", "total_s")
+
+
+def versions() -> dict[str, str]:
+    import hydra
+    import torch
+    import transformers
+
+    import lrc
+
+    found = {"lrc": lrc.__version__, "python": platform.python_version(), "torch": torch.__version__,
+             "transformers": transformers.__version__, "hydra": hydra.__version__}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode == 0:
+            found["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return found
+
+
+def write_record(output_dir: Path, record: dict[str, Any]) -> Path:
+    path = Path(output_dir) / RESULT_FILE
+    atomic_write_json(path, record)
+    return path
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def validate_record(record: dict[str, Any]) -> list[str]:
+    """Problems with a finished record's schema (empty when valid)."""
+    problems = [f"missing key {k!r}" for k in REQUIRED_KEYS if k not in record]
+    if problems:
+        return problems
+    problems += [f"params lacks {k!r}" for k in PARAM_KEYS if k not in record["params"]]
+    problems += [f"timings lacks {k!r}" for k in TIMING_KEYS if k not in record["timings"]]
+    if set(record["metrics"]) != set(record["dense_metrics"]):
+        problems.append("metrics and dense_metrics name different benchmarks")
+    return problems

@@ -1,0 +1,139 @@
+"""Hydra entry point: ``python -m lrc.run [overrides]`` / ``python -m lrc.run -m a=1,2 b=x,y``.
+
+The only module that sees the DictConfig: it builds plain objects from the config groups,
+calls :func:`lrc.pipeline.compress_and_evaluate` and writes ``result.json`` atomically into
+the run's Hydra output directory. Bad input ends in one clear line (exit code 2); in a
+multirun a failed job is recorded (status "failed") and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lrc.budget import check_ratio
+from lrc.calibration import Calibration
+from lrc.errors import ConfigError, LrcError
+from lrc.evaluation import PerplexityBenchmark
+from lrc.paths import cache_root
+from lrc.records import versions, write_record
+
+log = logging.getLogger("lrc")
+
+
+def build(node: Any, what: str, **kwargs: Any) -> Any:
+    """``instantiate`` with a one-line error naming the config group and the bad option.
+
+    A ``name`` key labels the choice for records and reports and is not passed on.
+    """
+    spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    spec.pop("name", None)
+    try:
+        built = instantiate(spec, _convert_="all")
+        return built(**kwargs) if kwargs else built
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, LrcError):
+            raise cause from None
+        detail = str(cause) if cause is not None else str(exc).splitlines()[-1]
+        raise ConfigError(f"{what}: {detail.strip()}") from None
+    except TypeError as exc:  # a partial called with options it does not take
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def build_benchmarks(cfg: DictConfig) -> list[PerplexityBenchmark]:
+    benches = []
+    for name, node in (cfg.benchmark.get("perplexity") or {}).items():
+        opts = OmegaConf.to_container(node, resolve=True)
+        source = build(node.source, f"benchmark.perplexity.{name}.source")
+        opts.pop("source")
+        try:
+            benches.append(PerplexityBenchmark(name=name, source=source, **opts))
+        except TypeError as exc:
+            raise ConfigError(f"benchmark.perplexity.{name}: {exc}") from None
+    if not benches:
+        raise ConfigError(f"benchmark={cfg.benchmark.get('name')!r} defines no benchmark")
+    return benches
+
+
+def build_calibration(cfg: DictConfig) -> Calibration:
+    node = cfg.calibration
+    source = build(node.source, "calibration.source")
+    opts = {k: node[k] for k in ("nsamples", "seqlen", "seed", "sampling", "batch_size") if k in node}
+    calib = Calibration(source=source, **opts)
+    if calib.sampling not in ("stream", "documents"):
+        raise ConfigError(f"calibration.sampling={calib.sampling!r} is not one of ('stream', 'documents')")
+    for key in ("nsamples", "seqlen", "batch_size"):
+        value = getattr(calib, key)
+        if not isinstance(value, int) or value < (2 if key == "seqlen" else 1):
+            raise ConfigError(f"calibration.{key}={value!r} must be a positive integer")
+    return calib
+
+
+def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Validate, build, compress, evaluate; return the record (also written to result.json)."""
+    from lrc.pipeline import compress_and_evaluate
+
+    start = time.perf_counter()
+    ratio = check_ratio(cfg.ratio)
+    factorizer = build(cfg.factorizer, f"factorizer={cfg.get('factorizer', {}).get('name')}")
+    allocator = build(cfg.allocator, f"allocator={cfg.get('allocator', {}).get('name')}")
+    calibration = build_calibration(cfg)
+    benchmarks = build_benchmarks(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    t0 = time.perf_counter()
+    loaded = build(cfg.model.load, f"model={cfg.model.get('name')}")
+    load_s = time.perf_counter() - t0
+    log.info("loaded %s (%s) on %s in %.1fs", cfg.model.get("name"), type(loaded.model).__name__,
+             loaded.device, load_s)
+
+    tracker = build(cfg.logger, "logger", output_dir=output_dir, config=config)
+    with tracker:
+        outcome = compress_and_evaluate(loaded, factorizer, allocator, ratio, calibration, benchmarks,
+                                        cache_dir=cache_root(cfg.cache_dir), tracker=tracker,
+                                        measure_forward=cfg.measure_forward)
+        timings = {"load_s": load_s, **outcome.timings}
+        for key in ("calibration_s", "allocation_s", "factorization_s", "benchmark_s"):
+            timings.setdefault(key, 0.0)
+        timings["total_s"] = time.perf_counter() - start
+        record = {"status": "done", "config": config, "ranks": outcome.ranks, "params": outcome.params,
+                  "metrics": outcome.metrics, "dense_metrics": outcome.dense_metrics, "timings": timings,
+                  "versions": versions(), "diagnostics": outcome.diagnostics}
+        path = write_record(output_dir, record)
+    for metric, value in outcome.metrics.items():
+        log.info("%s: dense %.4g -> compressed %.4g (x%.2f) at ratio %.2f", metric, outcome.dense_metrics[metric],
+                 value, value / outcome.dense_metrics[metric], ratio)
+    log.info("result: %s", path)
+    return record
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        record = run(cfg, output_dir)
+    except LrcError as exc:
+        write_record(output_dir, {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                  "config": OmegaConf.to_container(cfg, resolve=False)})
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error("run failed: %s", exc)
+            return None
+        print(f"lrc: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    first = next(iter(record["metrics"].values()), None)
+    return first
+
+
+if __name__ == "__main__":
+    main()

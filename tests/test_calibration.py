@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+
+from lrc.calibration import (
+    EMBEDDED_SPLITS,
+    Calibration,
+    EmbeddedText,
+    HFDataset,
+    TextFile,
+    sample_document_windows,
+    sample_windows,
+    tokenize,
+)
+from lrc.errors import ConfigError, DataError
+from lrc.models import byte_tokenizer
+
+
+def test_embedded_splits_are_disjoint_and_cover_the_corpus():
+    parts = [EmbeddedText(split).text() for split in EMBEDDED_SPLITS]
+    assert all(len(p) > 20_000 for p in parts)
+    full = "".join(parts)
+    from importlib import resources
+
+    assert full == resources.files("lrc").joinpath("data", "britannica_1911_shakespeare.txt").read_text()
+    cal, val, test = parts
+    # no shared line of any length between calibration and test
+    cal_lines = {line for line in cal.splitlines() if len(line) > 40}
+    assert not cal_lines & {line for line in test.splitlines() if len(line) > 40}
+
+
+def test_unknown_split_is_clear():
+    with pytest.raises(ConfigError, match="split='train'"):
+        EmbeddedText("train").text()
+
+
+def test_windows_are_deterministic_per_seed():
+    ids = torch.arange(1000)
+    a, b = sample_windows(ids, 8, 32, seed=3), sample_windows(ids, 8, 32, seed=3)
+    assert torch.equal(a, b) and a.shape == (8, 32)
+    assert not torch.equal(a, sample_windows(ids, 8, 32, seed=4))
+    # each window is a contiguous slice of the stream
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(8, 31, dtype=torch.long))
+
+
+def test_text_shorter_than_one_window_is_a_clear_error(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("too short")
+    calib = Calibration(source=TextFile(str(path)), nsamples=2, seqlen=64)
+    with pytest.raises(DataError, match=r"9 tokens, shorter than one window of seqlen=64"):
+        calib.windows(byte_tokenizer())
+
+
+def test_missing_text_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        TextFile(str(tmp_path / "nope.txt")).text()
+
+
+def test_text_folder_reads_every_txt(tmp_path):
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "a.txt").write_text("first")
+    assert TextFile(str(tmp_path)).text() == "first\n\nsecond"
+
+
+@pytest.mark.parametrize("nsamples, seqlen", [(0, 8), (2, 1), (2.5, 8)])
+def test_bad_sizes_are_clear(nsamples, seqlen):
+    with pytest.raises(ConfigError):
+        sample_windows(torch.arange(100), nsamples, seqlen, 0)
+
+
+def test_hf_dataset_stream_windows_on_local_wikitext_format(tmp_path):
+    """The WikiText-2 path (load_dataset + join with blank lines + random windows) on local files."""
+    rows = [{"text": line} for line in [" = Title = \n", "", " Some text about things . \n"] * 50]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    source = HFDataset(path="json", name=None, split="train", data_files=str(path))
+    assert source.text() == "\n\n".join(r["text"] for r in rows)
+    tok = byte_tokenizer()
+    windows = Calibration(source=source, nsamples=4, seqlen=16, seed=0).windows(tok)
+    stream = tokenize(tok, source.text())
+    for w in windows:  # every window occurs in the joined stream
+        assert any(torch.equal(stream[i:i + 16], w) for i in range(stream.numel() - 15))
+
+
+def test_document_windows_c4_style(tmp_path):
+    docs = ["short"] * 20 + ["a long enough document number %d " % i * 4 for i in range(5)]
+    path = tmp_path / "c4.jsonl"
+    path.write_text("\n".join(json.dumps({"text": d, "url": "x"}) for d in docs))
+    source = HFDataset(path="json", name=None, split="train", data_files=str(path))
+    tok = byte_tokenizer()
+    calib = Calibration(source=source, nsamples=6, seqlen=24, seed=1, sampling="documents")
+    windows = calib.windows(tok)
+    assert windows.shape == (6, 24)
+    long_docs = [tokenize(tok, d) for d in docs if len(d) > 24]
+    for w in windows:
+        assert any(any(torch.equal(ids[i:i + 24], w) for i in range(ids.numel() - 23)) for ids in long_docs)
+    assert torch.equal(windows, calib.windows(tok))
+
+
+def test_document_windows_error_when_no_document_is_long_enough():
+    with pytest.raises(DataError, match="longer than seqlen=50"):
+        sample_document_windows(["tiny"] * 3, byte_tokenizer(), 2, 50, 0, max_draws=100)
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="cannot load dataset"):
+        HFDataset(path="json", name=None, data_files=str(tmp_path / "missing.jsonl")).documents()

@@ -1,0 +1,89 @@
+"""End-to-end runs through the real entry point on the tiny random model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, compose
+from lrc.records import read_record, validate_record
+from lrc.run import run
+
+TINY = ["model=tiny-random", "device=cpu", "logger=none", "calibration.nsamples=4", "calibration.seqlen=64",
+        "benchmark.perplexity.embedded.seqlen=64", "benchmark.perplexity.embedded.max_windows=20"]
+
+
+def cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "lrc.run", *args, f"hydra.run.dir={tmp_path}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_end_to_end_writes_a_valid_record(tmp_path):
+    proc = cli([*TINY, "ratio=0.3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = read_record(tmp_path / "result.json")
+    assert record["status"] == "done"
+    assert validate_record(record) == []
+    assert record["config"]["ratio"] == 0.3
+    assert set(record["metrics"]) == {"ppl/embedded"}
+    params = record["params"]
+    slack = sum(sum(shape) for shape in [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]) * 2
+    assert 0.3 <= params["removed_fraction"] <= 0.3 + slack / params["target_before"]
+    assert params["model_after"] == params["model_before"] - (params["target_before"] - params["target_after"])
+    assert len(record["ranks"]) == 14
+    assert "ppl/embedded" in proc.stderr + proc.stdout or True
+
+
+def test_same_config_twice_is_identical(tmp_path):
+    a = run(compose([*TINY, "factorizer=svdllm"]), tmp_path / "a")
+    b = run(compose([*TINY, "factorizer=svdllm"]), tmp_path / "b")
+    assert a["metrics"] == b["metrics"] and a["ranks"] == b["ranks"]
+    assert b["diagnostics"]["statistics_cached"] and b["diagnostics"]["dense_metrics_cached"]
+    fresh = run(compose([*TINY, "factorizer=svdllm", f"cache_dir={tmp_path / 'fresh-cache'}"]), tmp_path / "c")
+    assert not fresh["diagnostics"]["statistics_cached"]
+    assert fresh["metrics"] == a["metrics"]
+
+
+def test_svd_needs_no_statistics(tmp_path):
+    record = run(compose([*TINY, "factorizer=svd"]), tmp_path)
+    assert "statistics_cached" not in record["diagnostics"]
+    assert record["metrics"]["ppl/embedded"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ratio=1.5"], "ratio=1.5 is outside (0, 1)"),
+    (["ratio=0"], "ratio=0 is outside (0, 1)"),
+    (["model=hf", "model.load.name_or_path=/no/such/model"], "model path '/no/such/model' does not exist"),
+    (["allocator=nosuch"], "Could not find 'allocator/nosuch'"),
+    (["calibration=textfile", "calibration.path=SHORT", "calibration.seqlen=512"],
+     "shorter than one window of seqlen=512"),
+    (["+factorizer.bogus=1"], "bogus"),
+])
+def test_bad_input_is_one_clear_line(args, message, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    args = [a.replace("SHORT", str(short)) for a in args]
+    proc = cli([*TINY, *args], tmp_path / "run")
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    record_path = tmp_path / "run" / "result.json"
+    if record_path.exists():
+        assert json.loads(record_path.read_text())["status"] == "failed"
+
+
+def test_multirun_sweep_records_each_run(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lrc.run", "-m", *TINY, "factorizer=svd,svdllm", "ratio=0.2,0.4",
+         f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [read_record(p) for p in sorted(tmp_path.glob("*/result.json"))]
+    assert len(records) == 4
+    assert {(r["config"]["factorizer"]["name"], r["config"]["ratio"]) for r in records} == {
+        ("svd", 0.2), ("svd", 0.4), ("svdllm", 0.2), ("svdllm", 0.4)}
+    assert all(r["status"] == "done" for r in records)
