@@ -7,12 +7,13 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lrc.factorizers.base import InputStatistics
@@ -26,19 +27,29 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path`` in one step.
+
+    Readers see the old file or the whole new one, never a part; a failure leaves no litter.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -46,7 +57,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 class StatisticsCache:
-    """Statistics of one (model, calibration, targets, kinds, mode) in one safetensors file."""
+    """Calibration statistics, one safetensors file per statistics kind.
+
+    A run that needs kinds A and B reuses A computed by an earlier run and computes only B.
+    Tensors are named ``<entry>/<field>``; the metadata holds the key and token counts, and a
+    file whose key or contents do not check out is ignored (and recomputed), never half-read.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root) / "stats"
@@ -59,8 +75,6 @@ class StatisticsCache:
         if not path.is_file():
             return None
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as fh:
                 meta = fh.metadata() or {}
             tensors = load_file(str(path))
@@ -70,34 +84,62 @@ class StatisticsCache:
         except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             log.warning("ignoring unreadable statistics cache %s: %s", path, exc)
             return None
-        return {g: InputStatistics(tokens=t, gram=tensors.get(f"{g}/gram")) for g, t in tokens.items()}
+        stats = {entry: InputStatistics(tokens=t) for entry, t in tokens.items()}
+        for name, tensor in tensors.items():
+            entry, _, field_name = name.rpartition("/")
+            setattr(stats[entry], field_name, tensor)
+        return stats
 
     def save(self, key: str, stats: dict[str, InputStatistics]) -> Path:
-        tensors = {f"{g}/gram": s.gram.contiguous() for g, s in stats.items() if s.gram is not None}
-        meta = {"key": key, "tokens": json.dumps({g: s.tokens for g, s in stats.items()})}
+        tensors = {f"{entry}/{f}": getattr(s, f).contiguous() for entry, s in stats.items()
+                   for f in InputStatistics.TENSOR_FIELDS if getattr(s, f) is not None}
+        meta = {"key": key, "tokens": json.dumps({entry: s.tokens for entry, s in stats.items()})}
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
-    def get_or_compute(self, key: str, compute: Callable[[], dict[str, InputStatistics]]
-                       ) -> tuple[dict[str, InputStatistics], bool]:
-        """Cached statistics, or ``compute()`` and cache them; returns (stats, was_cached)."""
-        cached = self.load(key)
-        if cached is not None:
-            log.info("statistics: reusing cache %s", self.path(key))
-            return cached, True
-        stats = compute()
-        self.save(key, stats)
-        log.info("statistics: computed and cached at %s", self.path(key))
-        return stats, False
+    def get_or_compute(self, base: dict[str, Any], kinds: frozenset[str],
+                       compute: Callable[[frozenset[str]], dict[str, InputStatistics]]
+                       ) -> tuple[dict[str, InputStatistics], frozenset[str]]:
+        """Statistics of every kind, loading cached kinds and computing the rest in one pass.
+
+        Returns (statistics, the kinds that came from the cache).
+        """
+        keys = {kind: cache_key({**base, "kind": kind}) for kind in sorted(kinds)}
+        parts = {kind: self.load(key) for kind, key in keys.items()}
+        missing = frozenset(kind for kind, part in parts.items() if part is None)
+        if missing:
+            fresh = compute(missing)
+            for kind in missing:
+                parts[kind] = _only(fresh, kind_field(kind))
+                self.save(keys[kind], parts[kind])
+                log.info("statistics: computed %s, cached at %s", kind, self.path(keys[kind]))
+        cached = frozenset(kinds) - missing
+        if cached:
+            log.info("statistics: reused cached %s", ", ".join(sorted(cached)))
+        return _merge(parts.values()), cached
+
+
+def kind_field(kind: str) -> str:
+    """The InputStatistics field a statistics kind fills (``pooled_cov:32`` -> ``pooled_cov``)."""
+    return kind.partition(":")[0]
+
+
+def _only(stats: dict[str, InputStatistics], field_name: str) -> dict[str, InputStatistics]:
+    return {entry: InputStatistics(tokens=s.tokens, **{field_name: getattr(s, field_name)})
+            for entry, s in stats.items() if getattr(s, field_name) is not None}
+
+
+def _merge(parts: Iterable[dict[str, InputStatistics]]) -> dict[str, InputStatistics]:
+    merged: dict[str, InputStatistics] = {}
+    for part in parts:
+        for entry, s in part.items():
+            into = merged.setdefault(entry, InputStatistics(tokens=s.tokens))
+            for f in InputStatistics.TENSOR_FIELDS:
+                if getattr(s, f) is not None:
+                    setattr(into, f, getattr(s, f))
+    return merged
 
 
 class JsonCache:
@@ -115,7 +157,3 @@ class JsonCache:
 
     def save(self, key: str, value: dict[str, Any]) -> None:
         atomic_write_json(self.root / f"{key}.json", value)
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]

@@ -219,7 +219,10 @@ def tiny_random(vocab_size: int = 256, hidden_size: int = 64, intermediate_size:
 
 
 def byte_tokenizer() -> Any:
-    """A self-contained tokenizer: one token per UTF-8 byte (ids 3..258 -> vocab 256 needs wrap)."""
+    """A self-contained tokenizer: one token per UTF-8 byte, vocabulary 256.
+
+    bos/eos/pad reuse the byte tokens 1, 2 and 0 (control characters that plain text never has).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ from lrc.allocators.base import Allocator, MatrixInfo
 from lrc.budget import Budget, check_plan, is_low_rank
 from lrc.cache import JsonCache, StatisticsCache, cache_key
 from lrc.calibration import Calibration
+from lrc.errors import BudgetError
 from lrc.evaluation import PerplexityBenchmark, run_benchmarks
 from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics
 from lrc.layers import LowRankLinear, replace_module
 from lrc.models import LoadedModel
-from lrc.statistics import collect_statistics, decoder_forward
+from lrc.statistics import collect_statistics, decoder_forward, for_target
 from lrc.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -79,13 +81,16 @@ def dense_metrics(loaded: LoadedModel, benchmarks: list[PerplexityBenchmark], ca
 
 def calibration_statistics(loaded: LoadedModel, targets: list[TargetLinear], calibration: Calibration,
                            windows: torch.Tensor, kinds: frozenset[str], cache: StatisticsCache
-                           ) -> tuple[dict[str, InputStatistics], bool]:
-    key = cache_key({
-        "model": loaded.identity, "calibration": calibration.describe(), "kinds": sorted(kinds), "mode": STATS_MODE,
-        "targets": sorted({(t.group, t.shape[1]) for t in targets}),
-    })
+                           ) -> tuple[dict[str, InputStatistics], frozenset[str]]:
+    """Statistics of ``kinds``: cached kinds are loaded, the rest computed in one pass and cached.
+
+    Returns (statistics, the kinds that came from the cache).
+    """
+    base = {"model": loaded.identity, "calibration": calibration.describe(), "mode": STATS_MODE,
+            "targets": sorted({(t.group, t.shape[1]) for t in targets})}
     return cache.get_or_compute(
-        key, lambda: collect_statistics(loaded.model, targets, windows, kinds, calibration.batch_size))
+        base, kinds, lambda missing: collect_statistics(loaded.model, targets, windows, missing,
+                                                        calibration.batch_size))
 
 
 def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator: Allocator, ratio: float,
@@ -104,9 +109,11 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
     with watch("calibration_s"):
         windows = calibration.windows(tokenizer)  # validates the data before any heavy work
         if kinds:
-            stats, diagnostics["statistics_cached"] = calibration_statistics(
-                loaded, targets, calibration, windows, kinds, StatisticsCache(cache_dir))
-    if kinds and measure_forward and not diagnostics["statistics_cached"]:
+            stats, cached = calibration_statistics(loaded, targets, calibration, windows, kinds,
+                                                   StatisticsCache(cache_dir))
+            diagnostics["statistics_cached"] = sorted(cached)
+            diagnostics["statistics_computed"] = sorted(kinds - cached)
+    if kinds and measure_forward and diagnostics["statistics_computed"]:
         watch.timings["calibration_forward_s"] = decoder_forward(model, windows, calibration.batch_size)
         log.info("statistics took %.1fs, a plain forward over the same %d tokens %.1fs (ratio %.2f)",
                  watch.timings["calibration_s"], windows.numel(), watch.timings["calibration_forward_s"],
@@ -118,7 +125,7 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
 
     def decompose(name: str) -> Decomposition:
         weight = model.get_submodule(name).weight
-        return factorizer.decompose(weight, stats.get(by_name[name].group))
+        return factorizer.decompose(weight, for_target(stats, by_name[name]))
 
     decompositions: dict[str, Decomposition] = {}
     if allocator.needs_spectra:
@@ -131,29 +138,17 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
         plan = allocator.allocate(matrices, budget)
         check_plan(plan, budget)
 
-    errors, damping = {}, {}
     with watch("factorization_s"):
-        for t in tqdm(targets, desc="factorize", leave=False, disable=None):
-            rank = plan[t.name]
-            if not is_low_rank(t.shape, rank):
-                continue  # kept dense: factors would not be smaller
-            dec = decompositions.pop(t.name, None) or decompose(t.name)
-            errors[t.name] = dec.truncation_error(rank)
-            if dec.diagnostics.get("damping"):
-                damping[t.name] = dec.diagnostics["damping"]
-            dense_layer = model.get_submodule(t.name)
-            B, A = dec.factors(rank, dtype=dense_layer.weight.dtype)
-            low = LowRankLinear.from_factors(B.to(dense_layer.weight.device), A.to(dense_layer.weight.device),
-                                             dense_layer.bias)
-            replace_module(model, t.name, low)
-            del dec
+        errors, damping = apply_plan(model, targets, plan, decompose, decompositions)
     if damping:
         log.warning("whitening needed damping for %d matrices (max %.3g x mean diag)", len(damping),
                     max(damping.values()))
     diagnostics.update(truncation_error=errors, damping=damping)
 
     target_after = sum(_stored(model.get_submodule(t.name)) for t in targets)
-    assert target_after == budget.params_after(plan), "swapped modules disagree with the rank plan"
+    if target_after != budget.params_after(plan):
+        raise BudgetError(f"swapped modules store {target_after} parameters, the rank plan "
+                          f"{budget.params_after(plan)}")
     model_after, bytes_after = model_size(model)
     params = {"target_before": budget.params_before, "target_after": target_after,
               "model_before": model_before, "model_after": model_after,
@@ -173,6 +168,34 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
                            for t in targets])
     return Outcome(ranks=dict(plan), params=params, metrics=metrics, dense_metrics=dense,
                    timings=watch.timings, diagnostics=diagnostics)
+
+
+def apply_plan(model: nn.Module, targets: list[TargetLinear], plan: dict[str, int],
+               decompose: Callable[[str], Decomposition], decompositions: dict[str, Decomposition]
+               ) -> tuple[dict[str, float], dict[str, float]]:
+    """Swap every target whose planned rank saves parameters for a LowRankLinear.
+
+    Uses (and frees) a decomposition from ``decompositions`` when the allocator needed it,
+    else decomposes on the spot. Returns per-matrix truncation errors and whitening dampings.
+    """
+    errors, damping = {}, {}
+    for t in tqdm(targets, desc="factorize", leave=False, disable=None):
+        rank = plan[t.name]
+        if not is_low_rank(t.shape, rank):
+            continue  # kept dense: factors would not be smaller
+        dec = decompositions.pop(t.name, None) or decompose(t.name)
+        errors[t.name] = dec.truncation_error(rank)
+        if dec.diagnostics.get("damping"):
+            damping[t.name] = dec.diagnostics["damping"]
+        dense_layer = model.get_submodule(t.name)
+        weight = dense_layer.weight
+        B, A = dec.factors(rank, dtype=weight.dtype)
+        bias, correction = dense_layer.bias, dec.bias_correction(rank)
+        if correction is not None:  # keeps the output mean (feature_pca)
+            correction = correction.to(device=weight.device, dtype=weight.dtype)
+            bias = correction if bias is None else bias.detach() + correction
+        replace_module(model, t.name, LowRankLinear.from_factors(B.to(weight.device), A.to(weight.device), bias))
+    return errors, damping
 
 
 def _stored(module: nn.Module) -> int:

@@ -1,14 +1,21 @@
-"""Calibration statistics: forward hooks collect what the chosen methods declare they need.
+"""Calibration statistics: hooks collect only what the chosen methods declare they need.
 
-Kinds collected so far:
+Kinds (names a factorizer or allocator puts in its ``needs``):
 
 * ``gram`` - G = sum_t x_t x_tᵀ of each shared linear input (one G for q/k/v, one for
-  gate/up). Each batch's Gram is one float32 matrix product (the fast path on every
-  device); the per-batch results are summed in float64, so the accumulation over many
-  batches loses nothing.
+  gate/up). Each batch's Gram is one float32 GEMM (the fast path on every device),
+  summed across batches in float64.
+* ``mean_abs`` - mean_t |x_t| per input channel (ASVD's activation scale).
+* ``mean`` - mean_t x_t per input channel.
+* ``pooled_cov:K`` - Bolaco's pooled covariance: the calibration token stream is cut into K
+  contiguous groups of (nearly) equal size, the sample covariance is computed within each
+  group and the K covariances are averaged. Accumulated as sum_g G_g / (n_g - 1) and the
+  group sums, so it costs one Gram per group, not one matrix per group.
+* ``fisher`` - FWSVD's row importances: sum over calibration batches of the squared
+  gradient of the LM loss, summed over each weight row (a backward pass; every gradient
+  is reduced to its row sums as soon as it is accumulated and then freed).
 
-Hooks are always removed (``finally``). Results are cached on disk by
-:class:`StatisticsCache`, keyed by (model, calibration, targets, kinds, mode).
+Input kinds are computed in one forward pass; hooks are always removed (``finally``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -28,21 +36,80 @@ from lrc.factorizers.base import InputStatistics
 
 log = logging.getLogger(__name__)
 
-KINDS = frozenset({"gram"})
+INPUT_KINDS = frozenset({"gram", "mean_abs", "mean"})
+POOLED = "pooled_cov"
+FISHER = "fisher"
 
 
-class GramAccumulator:
-    """Forward pre-hook adding XᵀX of a linear's input to a float64 sum."""
+def parse_kind(kind: str) -> tuple[str, int | None]:
+    """``"pooled_cov:32"`` -> ("pooled_cov", 32); other kinds have no parameter."""
+    name, _, arg = kind.partition(":")
+    if name == POOLED:
+        if not arg.isdigit() or int(arg) < 1:
+            raise ConfigError(f"statistics kind {kind!r}: pooled covariance needs a group count >= 1")
+        return name, int(arg)
+    if arg or name not in INPUT_KINDS | {FISHER}:
+        known = sorted(INPUT_KINDS | {FISHER, f"{POOLED}:K"})
+        raise ConfigError(f"unknown statistics kinds [{kind!r}]; known: {known}")
+    return name, None
 
-    def __init__(self, n: int, device: torch.device) -> None:
-        self.total = torch.zeros(n, n, dtype=torch.float64, device=device)
+
+class InputAccumulator:
+    """Forward pre-hook accumulating the requested statistics of one linear input."""
+
+    def __init__(self, n: int, device: torch.device, kinds: frozenset[str], total_tokens: int) -> None:
+        f64 = {"dtype": torch.float64, "device": device}
         self.tokens = 0
+        self.gram = torch.zeros(n, n, **f64) if "gram" in kinds else None
+        self.abs_sum = torch.zeros(n, **f64) if "mean_abs" in kinds else None
+        self.sum = torch.zeros(n, **f64) if "mean" in kinds else None
+        pooled = [parse_kind(k)[1] for k in kinds if parse_kind(k)[0] == POOLED]
+        self.groups = pooled[0] if pooled else None
+        if self.groups:
+            if self.groups > total_tokens:
+                raise ConfigError(f"pooled covariance: {self.groups} groups but only {total_tokens} calibration tokens")
+            self.bounds = [g * total_tokens // self.groups for g in range(self.groups + 1)]
+            self.weighted = torch.zeros(n, n, **f64)
+            self.group_sums = torch.zeros(self.groups, n, **f64)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
         x = x.reshape(-1, x.shape[-1]).float()
-        self.total += (x.T @ x).double()
-        self.tokens += x.shape[0]
+        start, self.tokens = self.tokens, self.tokens + x.shape[0]
+        if self.abs_sum is not None:
+            self.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        if self.sum is not None:
+            self.sum += x.sum(0, dtype=torch.float64)
+        if not self.groups:
+            if self.gram is not None:
+                self.gram += (x.T @ x).double()
+            return
+        for g in range(self.groups):  # the groups this batch's tokens fall in
+            lo, hi = max(self.bounds[g], start), min(self.bounds[g + 1], self.tokens)
+            if lo >= hi:
+                continue
+            xg = x[lo - start:hi - start]
+            gram_g = (xg.T @ xg).double()
+            if self.gram is not None:
+                self.gram += gram_g
+            self.weighted += gram_g / max(self.bounds[g + 1] - self.bounds[g] - 1, 1)
+            self.group_sums[g] += xg.sum(0, dtype=torch.float64)
+
+    def finish(self) -> InputStatistics:
+        out = InputStatistics(tokens=self.tokens)
+        if self.gram is not None:
+            out.gram = self.gram.cpu()
+        if self.abs_sum is not None:
+            out.mean_abs = (self.abs_sum / max(self.tokens, 1)).cpu()
+        if self.sum is not None:
+            out.mean = (self.sum / max(self.tokens, 1)).cpu()
+        if self.groups:
+            sizes = torch.tensor([b - a for a, b in zip(self.bounds, self.bounds[1:])], dtype=torch.float64,
+                                 device=self.weighted.device)
+            means = self.group_sums / sizes.clamp(min=1)[:, None]
+            correction = (means.T * (sizes / (sizes - 1).clamp(min=1))) @ means
+            out.pooled_cov = ((self.weighted - correction) / self.groups).cpu()
+        return out
 
 
 @contextmanager
@@ -65,38 +132,89 @@ def batches(windows: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
         yield windows[start:start + batch_size]
 
 
+def _progress(windows: torch.Tensor, batch_size: int, desc: str):
+    total = -(-windows.shape[0] // batch_size)
+    return tqdm(batches(windows, batch_size), total=total, desc=desc, leave=False, disable=None)
+
+
 def decoder_forward(model: nn.Module, windows: torch.Tensor, batch_size: int, desc: str = "forward") -> float:
     """Run the decoder (no LM head) over ``windows``; return the seconds it took."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     device = next(model.parameters()).device
     start = time.perf_counter()
     with torch.inference_mode():
-        n_batches = -(-windows.shape[0] // batch_size)
-        for batch in tqdm(batches(windows, batch_size), total=n_batches, desc=desc, leave=False, disable=None):
+        for batch in _progress(windows, batch_size, desc):
             decoder(input_ids=batch.to(device), use_cache=False)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
+def collect_fisher(model: nn.Module, targets: Sequence[TargetLinear], windows: torch.Tensor,
+                   batch_size: int) -> dict[str, torch.Tensor]:
+    """Row sums of squared LM-loss gradients for every target weight (FWSVD)."""
+    device = next(model.parameters()).device
+    weights = {t.name: model.get_submodule(t.name).weight for t in targets}
+    rows = {name: torch.zeros(w.shape[0], dtype=torch.float64, device=device) for name, w in weights.items()}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    handles = []
+
+    def reduce_into(name: str):
+        def hook(param: torch.Tensor) -> None:
+            rows[name] += param.grad.double().pow(2).sum(1)
+            param.grad = None  # keep no full-size gradient beyond this layer
+        return hook
+
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, w in weights.items():
+            w.requires_grad_(True)
+            handles.append(w.register_post_accumulate_grad_hook(reduce_into(name)))
+        for batch in _progress(windows, batch_size, "fisher"):
+            batch = batch.to(device)
+            model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return {name: r.cpu() for name, r in rows.items()}
+
+
 def collect_statistics(model: nn.Module, targets: Sequence[TargetLinear], windows: torch.Tensor,
                        kinds: Iterable[str], batch_size: int = 4) -> dict[str, InputStatistics]:
-    """One calibration pass collecting ``kinds`` for every shared input of ``targets``.
-
-    Returns ``{group name: InputStatistics}``; a linear reads the statistics of its ``group``.
-    """
+    """Collect ``kinds`` over ``windows``: ``{group name: InputStatistics}`` for input kinds,
+    plus ``{"fisher:<linear name>": InputStatistics(fisher=...)}`` when ``fisher`` is asked for.
+    Use :func:`for_target` to get one linear's view."""
     kinds = frozenset(kinds)
-    unknown = kinds - KINDS
-    if unknown:
-        raise ConfigError(f"unknown statistics kinds {sorted(unknown)}; known: {sorted(KINDS)}")
-    groups = {t.group: t.shape[1] for t in targets}
-    device = next(model.parameters()).device
-    accumulators = {g: GramAccumulator(n, device) for g, n in groups.items()} if "gram" in kinds else {}
-    with hooks_on(model, accumulators):
-        decoder_forward(model, windows, batch_size, desc="calibration")
-    stats = {}
-    for group in groups:
-        acc = accumulators.get(group)
-        stats[group] = InputStatistics(tokens=acc.tokens if acc else windows.numel(),
-                                       gram=acc.total.cpu() if acc else None)
+    parsed = {parse_kind(k)[0] for k in kinds}
+    stats: dict[str, InputStatistics] = {}
+    input_kinds = frozenset(k for k in kinds if parse_kind(k)[0] != FISHER)
+    if input_kinds:
+        device = next(model.parameters()).device
+        groups = {t.group: t.shape[1] for t in targets}
+        accumulators = {g: InputAccumulator(n, device, input_kinds, windows.numel()) for g, n in groups.items()}
+        with hooks_on(model, accumulators):
+            decoder_forward(model, windows, batch_size, desc="calibration")
+        stats.update({g: acc.finish() for g, acc in accumulators.items()})
+    if FISHER in parsed:
+        for name, rows in collect_fisher(model, targets, windows, batch_size).items():
+            stats[fisher_key(name)] = InputStatistics(tokens=windows.numel(), fisher=rows)
     return stats
+
+
+def fisher_key(name: str) -> str:
+    return f"fisher:{name}"
+
+
+def for_target(stats: dict[str, InputStatistics], target: TargetLinear) -> InputStatistics | None:
+    """The statistics one linear reads: its shared input's, plus its own Fisher rows."""
+    shared = stats.get(target.group)
+    own = stats.get(fisher_key(target.name))
+    if own is None:
+        return shared
+    if shared is None:
+        return own
+    return replace(shared, fisher=own.fisher)  # `derived` stays shared with the group

@@ -9,6 +9,7 @@ from lrc.calibration import (
     EmbeddedText,
     HFDataset,
     TextFile,
+    embedded_chunks,
     sample_document_windows,
     sample_windows,
     tokenize,
@@ -18,16 +19,18 @@ from lrc.models import byte_tokenizer
 
 
 def test_embedded_splits_are_disjoint_and_cover_the_corpus():
-    parts = [EmbeddedText(split).text() for split in EMBEDDED_SPLITS]
-    assert all(len(p) > 20_000 for p in parts)
-    full = "".join(parts)
+    chunks = {split: EmbeddedText(split).chunks() for split in EMBEDDED_SPLITS}
+    assert len(chunks["calibration"]) > 2 * len(chunks["test"]) > 0 and chunks["validation"]
+    assert all(len("".join(c)) > 20_000 for c in chunks.values())
+    everything = embedded_chunks()
+    assert sorted(c for part in chunks.values() for c in part) == sorted(everything)  # a partition
     from importlib import resources
 
-    assert full == resources.files("lrc").joinpath("data", "britannica_1911_shakespeare.txt").read_text()
-    cal, val, test = parts
-    # no shared line of any length between calibration and test
-    cal_lines = {line for line in cal.splitlines() if len(line) > 40}
-    assert not cal_lines & {line for line in test.splitlines() if len(line) > 40}
+    corpus = resources.files("lrc").joinpath("data", "britannica_1911_shakespeare.txt").read_text()
+    assert sum(len(c) for c in everything) > 0.98 * len(corpus)
+    # no sentence is shared between calibration and test
+    cal = {s for c in chunks["calibration"] for s in c.split(". ") if len(s) > 40}
+    assert not cal & {s for c in chunks["test"] for s in c.split(". ") if len(s) > 40}
 
 
 def test_unknown_split_is_clear():
@@ -84,7 +87,7 @@ def test_hf_dataset_stream_windows_on_local_wikitext_format(tmp_path):
 
 
 def test_document_windows_c4_style(tmp_path):
-    docs = ["short"] * 20 + ["a long enough document number %d " % i * 4 for i in range(5)]
+    docs = ["short"] * 20 + [f"a long enough document number {i} " * 4 for i in range(5)]
     path = tmp_path / "c4.jsonl"
     path.write_text("\n".join(json.dumps({"text": d, "url": "x"}) for d in docs))
     source = HFDataset(path="json", name=None, split="train", data_files=str(path))
@@ -106,3 +109,12 @@ def test_document_windows_error_when_no_document_is_long_enough():
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="cannot load dataset"):
         HFDataset(path="json", name=None, data_files=str(tmp_path / "missing.jsonl")).documents()
+
+
+def test_embedded_identity_follows_the_split_text(monkeypatch):
+    """Cache keys must change when the split's text changes, even if the corpus file does not."""
+    import lrc.calibration as calibration
+
+    before = EmbeddedText("test").describe()
+    monkeypatch.setattr(calibration, "SPLIT_PATTERN", ("calibration", "test", "test", "calibration", "validation"))
+    assert EmbeddedText("test").describe() != before

@@ -4,10 +4,10 @@ import inspect
 from pathlib import Path
 
 import pytest
+from conftest import CONF, compose
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose
 from lrc.run import build, build_benchmarks, build_calibration
 
 GROUPS = ["model", "calibration", "allocator", "factorizer", "benchmark", "logger"]

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, compose
+
 from lrc.records import read_record, validate_record
 from lrc.run import run
 
@@ -35,7 +35,9 @@ def test_tiny_end_to_end_writes_a_valid_record(tmp_path):
     assert 0.3 <= params["removed_fraction"] <= 0.3 + slack / params["target_before"]
     assert params["model_after"] == params["model_before"] - (params["target_before"] - params["target_after"])
     assert len(record["ranks"]) == 14
-    assert "ppl/embedded" in proc.stderr + proc.stdout or True
+    # the run prints dense vs compressed perplexity and where the record is
+    assert "ppl/embedded: dense" in proc.stdout and "-> compressed" in proc.stdout
+    assert f"result: {tmp_path / 'result.json'}" in proc.stdout
 
 
 def test_same_config_twice_is_identical(tmp_path):

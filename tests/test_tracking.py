@@ -1,0 +1,42 @@
+"""W&B logging with the real client, offline: the run's transaction log holds what we logged."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import compose
+from lrc.run import run
+
+TINY = ["model=tiny-random", "device=cpu", "calibration.nsamples=2", "calibration.seqlen=64",
+        "benchmark.perplexity.embedded.seqlen=64", "benchmark.perplexity.embedded.max_windows=4"]
+
+
+def records(run_dir: Path) -> list[dict]:
+    """The offline run's records, decoded by the W&B CLI (`wandb leet inspect --json`)."""
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    out = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(run_dir)], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_wandb_offline_run_logs_config_metrics_and_rank_plan(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    record = run(compose([*TINY, "logger=wandb", "ratio=0.3"]), tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    logged = records(runs[0])
+    history = [r["history"]["item"] for r in logged if r.get("type") == "history"]
+    metrics = next(h for h in history if "ppl/embedded" in h)
+    assert metrics["ppl/embedded"] == record["metrics"]["ppl/embedded"]
+    assert metrics["dense/ppl/embedded"] == record["dense_metrics"]["ppl/embedded"]
+    assert metrics["removed_fraction"] == record["params"]["removed_fraction"]
+    # the rank plan table: one row per target matrix, ranks as in result.json
+    table_files = list((runs[0] / "files" / "media" / "table").glob("rank_plan_*.table.json"))
+    assert len(table_files) == 1
+    table = json.loads(table_files[0].read_text())
+    module, rank = table["columns"].index("module"), table["columns"].index("rank")
+    assert {row[module]: row[rank] for row in table["data"]} == record["ranks"]
+    text = json.dumps([r for r in logged if r.get("type") == "run"])
+    assert '\\"ratio\\"' in text or '"ratio"' in text  # the config travels with the run
+    assert "0.3" in text
