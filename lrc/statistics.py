@@ -67,7 +67,8 @@ class InputAccumulator:
         self.groups = pooled[0] if pooled else None
         if self.groups:
             if self.groups > total_tokens:
-                raise ConfigError(f"pooled covariance: {self.groups} groups but only {total_tokens} calibration tokens")
+                raise ConfigError(
+                    f"pooled covariance: {self.groups} groups but only {total_tokens} calibration tokens")
             self.bounds = [g * total_tokens // self.groups for g in range(self.groups + 1)]
             self.weighted = torch.zeros(n, n, **f64)
             self.group_sums = torch.zeros(self.groups, n, **f64)
@@ -104,8 +105,7 @@ class InputAccumulator:
         if self.sum is not None:
             out.mean = (self.sum / max(self.tokens, 1)).cpu()
         if self.groups:
-            sizes = torch.tensor([b - a for a, b in zip(self.bounds, self.bounds[1:])], dtype=torch.float64,
-                                 device=self.weighted.device)
+            sizes = torch.tensor(self.bounds, dtype=torch.float64, device=self.weighted.device).diff()
             means = self.group_sums / sizes.clamp(min=1)[:, None]
             correction = (means.T * (sizes / (sizes - 1).clamp(min=1))) @ means
             out.pooled_cov = ((self.weighted - correction) / self.groups).cpu()

@@ -38,7 +38,7 @@ def pooled_by_hand(X: torch.Tensor, groups: int) -> torch.Tensor:
     """Mean of the per-group sample covariances of `groups` contiguous token groups."""
     T = X.shape[0]
     bounds = [g * T // groups for g in range(groups + 1)]
-    return torch.stack([torch.cov(X[a:b].T) for a, b in zip(bounds, bounds[1:])]).mean(0)
+    return torch.stack([torch.cov(X[a:b].T) for a, b in zip(bounds, bounds[1:], strict=False)]).mean(0)
 
 
 def stats_of(X: torch.Tensor, m: int | None = None) -> InputStatistics:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from conftest import compose
+
 from lrc.run import run
 
 TINY = ["model=tiny-random", "device=cpu", "calibration.nsamples=2", "calibration.seqlen=64",
