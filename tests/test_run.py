@@ -89,3 +89,17 @@ def test_multirun_sweep_records_each_run(tmp_path):
     assert {(r["config"]["factorizer"]["name"], r["config"]["ratio"]) for r in records} == {
         ("svd", 0.2), ("svd", 0.4), ("svdllm", 0.2), ("svdllm", 0.4)}
     assert all(r["status"] == "done" for r in records)
+
+
+@pytest.mark.parametrize("factorizer", sorted(p.stem for p in (REPO / "conf" / "factorizer").glob("*.yaml")))
+def test_every_factorizer_runs_end_to_end(factorizer, tmp_path):
+    record = run(compose([*TINY, f"factorizer={factorizer}", "ratio=0.4"]), tmp_path)
+    assert record["status"] == "done" and validate_record(record) == []
+    assert 0.4 <= record["params"]["removed_fraction"] < 0.5
+    ppl = record["metrics"]["ppl/embedded"]
+    assert ppl == ppl and ppl > 1  # finite
+    errors = record["diagnostics"]["truncation_error"]
+    assert len(errors) == 14 and all(e >= 0 for e in errors.values())
+    if factorizer == "feature_pca":  # bias compensation adds one bias per compressed matrix
+        assert record["params"]["model_after"] > record["params"]["model_before"] - (
+            record["params"]["target_before"] - record["params"]["target_after"])
