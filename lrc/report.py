@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 def collect(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """(records, problems) for every result.json below ``root``, sorted by path."""
     records, problems = [], []
-    for path in sorted(Path(root).rglob(RESULT_FILE)):
+    for path in sorted(Path(root).rglob(RESULT_FILE), key=_natural):
         try:
             record = json.loads(path.read_text())
             if not isinstance(record, dict) or "status" not in record:
@@ -33,6 +34,11 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
         record["_path"] = str(path.parent)
         records.append(record)
     return records, problems
+
+
+def _natural(path: Path) -> list:
+    """Sort key: '2_x' before '10_x' (Hydra numbers sweep jobs without padding)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
 def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

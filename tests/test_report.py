@@ -11,9 +11,9 @@ def record(factorizer, ratio, ppl, status="done"):
 
 
 def test_table_rows_and_values(tmp_path, capsys):
-    for i, (fac, ratio, ppl) in enumerate([("svd", 0.2, 1000.0), ("svdllm", 0.2, 25.0)]):
-        (tmp_path / str(i)).mkdir()
-        (tmp_path / str(i) / "result.json").write_text(json.dumps(record(fac, ratio, ppl)))
+    for i, (fac, ratio, ppl) in zip((2, 10), [("svd", 0.2, 1000.0), ("svdllm", 0.2, 25.0)], strict=True):
+        (tmp_path / f"{i}_run").mkdir()
+        (tmp_path / f"{i}_run" / "result.json").write_text(json.dumps(record(fac, ratio, ppl)))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "result.json").write_text("{not json")
     records, problems = collect(tmp_path)
