@@ -48,10 +48,6 @@ class LowRankLinear(nn.Module):
                 f"bias={self.second.bias is not None}")
 
 
-def get_module(root: nn.Module, name: str) -> nn.Module:
-    return root.get_submodule(name)
-
-
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at dotted path ``name`` inside ``root``; return the module it replaced."""
     parent_name, _, child = name.rpartition(".")

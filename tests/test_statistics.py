@@ -12,25 +12,12 @@ def test_gram_equals_inputs_outer_product(tiny):
     model = tiny.model
     targets = find_targets(model)
     windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
-    captured = {}
-
-    def capture(name):
-        def hook(module, args):
-            captured.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
-        return hook
-
-    groups = sorted({t.group for t in targets})
-    handles = [model.get_submodule(g).register_forward_pre_hook(capture(g)) for g in groups]
-    try:
-        stats = collect_statistics(model, targets, windows, {"gram"}, batch_size=2)
-    finally:
-        for h in handles:
-            h.remove()
-    assert set(stats) == set(groups)
+    inputs = captured_inputs(model, targets, windows)
+    stats = collect_statistics(model, targets, windows, {"gram"}, batch_size=2)
+    assert set(stats) == set(inputs)
     # one Gram per shared input: q/k/v share, gate/up share, o and down alone -> 4 per block
-    assert len(groups) == 4 * model.config.num_hidden_layers
-    for g in groups:
-        X = torch.cat(captured[g])
+    assert len(inputs) == 4 * model.config.num_hidden_layers
+    for g, X in inputs.items():
         assert stats[g].tokens == 48
         torch.testing.assert_close(stats[g].gram, X.T @ X, rtol=1e-5, atol=1e-4)
 
