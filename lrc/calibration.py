@@ -220,6 +220,13 @@ class Calibration:
     sampling: str = "stream"
     batch_size: int = 4
 
+    def __post_init__(self) -> None:
+        _check_sizes(self.nsamples, self.seqlen)
+        if self.sampling not in SAMPLING:
+            raise ConfigError(f"sampling={self.sampling!r} is not one of {SAMPLING}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size!r} must be a positive integer")
+
     def windows(self, tokenizer: Any) -> torch.Tensor:
         return calibration_windows(self.source, tokenizer, self.nsamples, self.seqlen, self.seed, self.sampling)
 

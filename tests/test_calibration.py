@@ -118,3 +118,11 @@ def test_embedded_identity_follows_the_split_text(monkeypatch):
     before = EmbeddedText("test").describe()
     monkeypatch.setattr(calibration, "SPLIT_PATTERN", ("calibration", "test", "test", "calibration", "validation"))
     assert EmbeddedText("test").describe() != before
+
+
+@pytest.mark.parametrize("opts, match", [({"nsamples": 0}, "nsamples=0"), ({"seqlen": 1}, "seqlen=1"),
+                                         ({"sampling": "random"}, "sampling='random'"),
+                                         ({"batch_size": 0}, "batch_size=0")])
+def test_calibration_options_are_checked_on_construction(opts, match):
+    with pytest.raises(ConfigError, match=match):
+        Calibration(source=EmbeddedText("calibration"), **opts)
