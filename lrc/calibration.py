@@ -209,9 +209,39 @@ def calibration_windows(source: Any, tokenizer: Any, nsamples: int, seqlen: int,
     return sample_windows(tokenize(tokenizer, source.text()), nsamples, seqlen, seed)
 
 
+def held_out_windows(ids: torch.Tensor, taken: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``ids`` that share no token position with any window in ``taken``.
+
+    ``taken`` are the calibration windows drawn from the same stream (as token ids); the stream
+    is cut into consecutive ``seqlen`` tiles and tiles overlapping a calibration window are
+    excluded, so validation never sees a calibration token position.
+    """
+    _check_sizes(nsamples, seqlen)
+    used = torch.zeros(ids.numel(), dtype=torch.bool)
+    width = taken.shape[1]
+    windows = ids.unfold(0, width, 1) if ids.numel() >= width else ids.new_empty(0, width)
+    for window in taken:  # locate every calibration window in the stream (first match)
+        hits = (windows == window).all(1).nonzero()
+        if hits.numel():
+            used[int(hits[0]):int(hits[0]) + width] = True
+    tiles = [i for i in range(0, ids.numel() - seqlen + 1, seqlen) if not used[i:i + seqlen].any()]
+    if len(tiles) < nsamples:
+        raise DataError(f"only {len(tiles)} validation windows of seqlen={seqlen} are disjoint from the "
+                        f"calibration windows; need nsamples={nsamples} (set calibration.validation to a "
+                        "held-out text)")
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(tiles), generator=gen)[:nsamples].sort().values
+    return torch.stack([ids[tiles[i]:tiles[i] + seqlen] for i in chosen.tolist()])
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """What calibration data a run uses: ``nsamples`` x ``seqlen`` windows drawn with ``seed``."""
+    """What calibration data a run uses: ``nsamples`` x ``seqlen`` windows drawn with ``seed``.
+
+    ``validation`` is an optional held-out text source (e.g. the embedded corpus's validation
+    split, WikiText-2 validation) for allocators that score candidate plans; without one,
+    validation windows are held-out tiles of the calibration text (see :func:`held_out_windows`).
+    """
 
     source: Any
     nsamples: int = 16
@@ -219,6 +249,7 @@ class Calibration:
     seed: int = 0
     sampling: str = "stream"
     batch_size: int = 4
+    validation: Any = None
 
     def __post_init__(self) -> None:
         _check_sizes(self.nsamples, self.seqlen)
@@ -229,6 +260,16 @@ class Calibration:
 
     def windows(self, tokenizer: Any) -> torch.Tensor:
         return calibration_windows(self.source, tokenizer, self.nsamples, self.seqlen, self.seed, self.sampling)
+
+    def validation_windows(self, tokenizer: Any, nsamples: int, seqlen: int) -> torch.Tensor:
+        """Held-out windows for scoring plans: never calibration text, never benchmark text."""
+        if self.validation is not None:
+            return calibration_windows(self.validation, tokenizer, nsamples, seqlen, self.seed, self.sampling)
+        if self.sampling != "stream":
+            raise ConfigError("validation windows need calibration.validation (a held-out text source) "
+                              f"when sampling={self.sampling!r}")
+        ids = tokenize(tokenizer, self.source.text())
+        return held_out_windows(ids, self.windows(tokenizer), nsamples, seqlen, self.seed)
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source.describe(), "nsamples": self.nsamples, "seqlen": self.seqlen,

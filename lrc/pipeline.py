@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +16,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrc.adapters import TargetLinear, find_targets
-from lrc.allocators.base import Allocator, MatrixInfo
-from lrc.budget import Budget, check_plan, is_low_rank
+from lrc.allocators.base import AllocationContext, Allocator, MatrixInfo
+from lrc.budget import Budget, check_plan
 from lrc.cache import JsonCache, StatisticsCache, cache_key
 from lrc.calibration import Calibration
 from lrc.errors import BudgetError
 from lrc.evaluation import PerplexityBenchmark, run_benchmarks
 from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics
-from lrc.layers import LowRankLinear, replace_module
 from lrc.models import LoadedModel
-from lrc.statistics import collect_statistics, decoder_forward, for_target
+from lrc.scoring import PlanScorer
+from lrc.statistics import collect_statistics, decoder_forward, for_target, sublayer_cosine
+from lrc.swap import apply_plan
 from lrc.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class Outcome:
     dense_metrics: dict[str, float]
     timings: dict[str, float]
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    trials: list[dict[str, Any]] = field(default_factory=list)  # plans scored by a search allocator
 
 
 class Stopwatch:
@@ -102,12 +103,17 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
     targets = find_targets(model)
     by_name = {t.name: t for t in targets}
     budget = Budget({t.name: t.shape for t in targets}, ratio)
+    matrices = [MatrixInfo(t.name, t.shape, t.block, t.sublayer, t.kind) for t in targets]
+    allocator.check(matrices, budget)  # before any heavy work
     model_before, bytes_before = model_size(model)
 
     kinds = frozenset(factorizer.needs | allocator.needs)
     stats: dict[str, InputStatistics] = {}
     with watch("calibration_s"):
         windows = calibration.windows(tokenizer)  # validates the data before any heavy work
+        validation = allocator.validation
+        held_out = (calibration.validation_windows(tokenizer, validation.nsamples, validation.seqlen)
+                    if validation is not None else None)
         if kinds:
             stats, cached = calibration_statistics(loaded, targets, calibration, windows, kinds,
                                                    StatisticsCache(cache_dir))
@@ -128,18 +134,26 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
         return factorizer.decompose(weight, for_target(stats, by_name[name]))
 
     decompositions: dict[str, Decomposition] = {}
-    if allocator.needs_spectra:
+    if allocator.spectrum_source == "factorizer" or validation is not None:  # every matrix, once
         with watch("factorization_s"):
-            for t in tqdm(targets, desc="spectra", leave=False, disable=None):
+            for t in tqdm(targets, desc="decompose", leave=False, disable=None):
                 decompositions[t.name] = decompose(t.name)
-    matrices = [MatrixInfo(t.name, t.shape, t.block, t.sublayer, t.kind,
-                           decompositions[t.name].spectrum if t.name in decompositions else None) for t in targets]
     with watch("allocation_s"):
-        plan = allocator.allocate(matrices, budget)
+        if allocator.spectrum_source is not None:
+            matrices = [replace(m, spectrum=_spectrum(allocator.spectrum_source, model, m.name, decompositions))
+                        for m in matrices]
+        scorer = (PlanScorer(model, targets, decompositions, held_out, budget, validation.batch_size,
+                             validation.kl_weight, tracker) if validation is not None else None)
+        context = AllocationContext(sublayer_cosine=sublayer_cosine(stats), score=scorer)
+        plan = allocator.allocate(matrices, budget, context)
         check_plan(plan, budget)
+    if allocator.report:
+        diagnostics["allocation"] = allocator.report
+        log.info("allocation: %s", _brief(allocator.report))
 
     with watch("factorization_s"):
         errors, damping = apply_plan(model, targets, plan, decompose, decompositions)
+    decompositions.clear()
     if damping:
         log.warning("whitening needed damping for %d matrices (max %.3g x mean diag)", len(damping),
                     max(damping.values()))
@@ -160,46 +174,32 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
     with watch("benchmark_s"):
         metrics = run_benchmarks(model, tokenizer, benchmarks)
     log.info("compressed model: %s", _fmt(metrics))
+    trials = scorer.trials if scorer is not None else []
     if tracker is not None:
         tracker.log_metrics({**metrics, **{f"dense/{k}": v for k, v in dense.items()},
                              "removed_fraction": params["removed_fraction"]})
         tracker.log_table("rank_plan", ["module", "block", "kind", "out", "in", "rank", "truncation_error"],
                           [[t.name, t.block, t.kind, t.shape[0], t.shape[1], plan[t.name], errors.get(t.name)]
                            for t in targets])
+        if trials:
+            columns = list(dict.fromkeys(k for row in trials for k in row))
+            tracker.log_table("trials", columns, [[row.get(c) for c in columns] for row in trials])
     return Outcome(ranks=dict(plan), params=params, metrics=metrics, dense_metrics=dense,
-                   timings=watch.timings, diagnostics=diagnostics)
+                   timings=watch.timings, diagnostics=diagnostics, trials=trials)
 
 
-def apply_plan(model: nn.Module, targets: list[TargetLinear], plan: dict[str, int],
-               decompose: Callable[[str], Decomposition], decompositions: dict[str, Decomposition]
-               ) -> tuple[dict[str, float], dict[str, float]]:
-    """Swap every target whose planned rank saves parameters for a LowRankLinear.
-
-    Uses (and frees) a decomposition from ``decompositions`` when the allocator needed it,
-    else decomposes on the spot. Returns per-matrix truncation errors and whitening dampings.
-    """
-    errors, damping = {}, {}
-    for t in tqdm(targets, desc="factorize", leave=False, disable=None):
-        rank = plan[t.name]
-        if not is_low_rank(t.shape, rank):
-            continue  # kept dense: factors would not be smaller
-        dec = decompositions.pop(t.name, None) or decompose(t.name)
-        errors[t.name] = dec.truncation_error(rank)
-        if dec.diagnostics.get("damping"):
-            damping[t.name] = dec.diagnostics["damping"]
-        dense_layer = model.get_submodule(t.name)
-        weight = dense_layer.weight
-        B, A = dec.factors(rank, dtype=weight.dtype)
-        bias, correction = dense_layer.bias, dec.bias_correction(rank)
-        if correction is not None:  # keeps the output mean (feature_pca)
-            correction = correction.to(device=weight.device, dtype=weight.dtype)
-            bias = correction if bias is None else bias.detach() + correction
-        replace_module(model, t.name, LowRankLinear.from_factors(B.to(weight.device), A.to(weight.device), bias))
-    return errors, damping
+def _spectrum(source: str, model: nn.Module, name: str, decompositions: dict[str, Decomposition]) -> torch.Tensor:
+    if source == "factorizer":
+        return decompositions[name].spectrum
+    return torch.linalg.svdvals(model.get_submodule(name).weight.detach().double())
 
 
 def _stored(module: nn.Module) -> int:
     return sum(p.numel() for n, p in module.named_parameters() if not n.endswith("bias"))
+
+
+def _brief(report: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {v}" for k, v in report.items() if not isinstance(v, dict))
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -7,19 +7,25 @@ Schema (later issues, tests and users rely on it)::
      "metrics": {"ppl/<benchmark>": float, ...}, "dense_metrics": {same keys},
      "timings": {"load_s", "calibration_s", "allocation_s", "factorization_s", "benchmark_s", "total_s", ...},
      "versions": {...}}
+
+Optional: "diagnostics" (per-matrix truncation errors, dampings, the allocator's report) and
+"trials" (one row per plan a search allocator scored; also written as ``trials.csv``).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import platform
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from lrc.cache import atomic_write_json
+from lrc.cache import atomic_write_bytes, atomic_write_json
 
 RESULT_FILE = "result.json"
+TRIALS_FILE = "trials.csv"
 REQUIRED_KEYS = ("status", "config", "ranks", "params", "metrics", "dense_metrics", "timings", "versions")
 PARAM_KEYS = ("target_before", "target_after", "model_before", "model_after", "removed_fraction")
 TIMING_KEYS = ("load_s", "calibration_s", "allocation_s", "factorization_s", "benchmark_s", "total_s")
@@ -47,6 +53,18 @@ def versions() -> dict[str, str]:
 def write_record(output_dir: Path, record: dict[str, Any]) -> Path:
     path = Path(output_dir) / RESULT_FILE
     atomic_write_json(path, record)
+    return path
+
+
+def write_trials(output_dir: Path, trials: list[dict[str, Any]]) -> Path:
+    """The scored plans of a search allocator as a CSV table (one row per trial), atomically."""
+    columns = list(dict.fromkeys(k for row in trials for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(trials)
+    path = Path(output_dir) / TRIALS_FILE
+    atomic_write_bytes(path, buffer.getvalue().encode())
     return path
 
 

@@ -26,7 +26,7 @@ from lrc.calibration import Calibration
 from lrc.errors import ConfigError, LrcError
 from lrc.evaluation import PerplexityBenchmark
 from lrc.paths import cache_root
-from lrc.records import versions, write_record
+from lrc.records import versions, write_record, write_trials
 
 log = logging.getLogger("lrc")
 
@@ -70,7 +70,8 @@ def build_calibration(cfg: DictConfig) -> Calibration:
     node = cfg.calibration
     source = build(node.source, "calibration.source")
     opts = {k: node[k] for k in ("nsamples", "seqlen", "seed", "sampling", "batch_size") if k in node}
-    return Calibration(source=source, **opts)  # validates its options
+    validation = build(node.validation, "calibration.validation") if node.get("validation") else None
+    return Calibration(source=source, validation=validation, **opts)  # validates its options
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -103,6 +104,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         record = {"status": "done", "config": config, "ranks": outcome.ranks, "params": outcome.params,
                   "metrics": outcome.metrics, "dense_metrics": outcome.dense_metrics, "timings": timings,
                   "versions": versions(), "diagnostics": outcome.diagnostics}
+        if outcome.trials:
+            record["trials"] = outcome.trials
+            log.info("trials: %s", write_trials(output_dir, outcome.trials))
         path = write_record(output_dir, record)
     for metric, value in outcome.metrics.items():
         log.info("%s: dense %.4g -> compressed %.4g (x%.2f) at ratio %.2f", metric, outcome.dense_metrics[metric],

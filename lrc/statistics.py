@@ -15,7 +15,12 @@ Kinds (names a factorizer or allocator puts in its ``needs``):
   gradient of the LM loss, summed over each weight row (a backward pass; every gradient
   is reduced to its row sums as soon as it is accumulated and then freed).
 
-Input kinds are computed in one forward pass; hooks are always removed (``finally``).
+* ``cosine`` - MGAA's sublayer importance: for every attention and MLP sublayer, the mean
+  over calibration tokens of cos(x, f(x)) and cos(x, x + f(x)), x the sublayer's input
+  hidden state and f(x) its output (the adapter table names where each sublayer starts
+  and ends). Stored under :func:`sublayer_key`.
+
+Input kinds and ``cosine`` are computed in one forward pass; hooks are always removed (``finally``).
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrc.adapters import TargetLinear
+from lrc.adapters import TargetLinear, architecture_for, decoder_blocks
 from lrc.errors import ConfigError
 from lrc.factorizers.base import InputStatistics
 
@@ -39,6 +45,7 @@ log = logging.getLogger(__name__)
 INPUT_KINDS = frozenset({"gram", "mean_abs", "mean"})
 POOLED = "pooled_cov"
 FISHER = "fisher"
+COSINE = "cosine"
 
 
 def parse_kind(kind: str) -> tuple[str, int | None]:
@@ -48,8 +55,8 @@ def parse_kind(kind: str) -> tuple[str, int | None]:
         if not arg.isdigit() or int(arg) < 1:
             raise ConfigError(f"statistics kind {kind!r}: pooled covariance needs a group count >= 1")
         return name, int(arg)
-    if arg or name not in INPUT_KINDS | {FISHER}:
-        known = sorted(INPUT_KINDS | {FISHER, f"{POOLED}:K"})
+    if arg or name not in INPUT_KINDS | {FISHER, COSINE}:
+        known = sorted(INPUT_KINDS | {FISHER, COSINE, f"{POOLED}:K"})
         raise ConfigError(f"unknown statistics kinds [{kind!r}]; known: {known}")
     return name, None
 
@@ -112,13 +119,74 @@ class InputAccumulator:
         return out
 
 
+class SublayerCosine:
+    """Mean cos(x, f(x)) and cos(x, x + f(x)) over tokens for one sublayer.
+
+    ``enter`` is a forward pre-hook on the module whose input is x; ``exit`` a forward hook
+    on the module whose output is f(x) (the first element when it returns a tuple).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.tokens = 0
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self.x: torch.Tensor | None = None
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        self.x = args[0].detach()
+
+    def exit(self, module: nn.Module, args: tuple, output) -> None:
+        y = (output[0] if isinstance(output, tuple) else output).detach().float()
+        if self.x is None or self.x.shape != y.shape:
+            raise ConfigError(f"sublayer cosine: output of {type(module).__name__} does not match the input "
+                              "hidden state (check the adapter table's sublayer start/end)")
+        x = self.x.float().reshape(-1, y.shape[-1])
+        y = y.reshape(-1, y.shape[-1])
+        self.sums[0] += F.cosine_similarity(x, y, dim=-1).sum(dtype=torch.float64)
+        self.sums[1] += F.cosine_similarity(x, x + y, dim=-1).sum(dtype=torch.float64)
+        self.tokens += x.shape[0]
+        self.x = None
+
+    def finish(self) -> InputStatistics:
+        return InputStatistics(tokens=self.tokens, cosine=(self.sums / max(self.tokens, 1)).cpu())
+
+
+def sublayer_key(block: int, sublayer: str) -> str:
+    return f"sublayer:{block}:{sublayer}"
+
+
+def sublayer_cosine(stats: dict[str, InputStatistics]) -> dict[tuple[int, str], tuple[float, float]]:
+    """``{(block, sublayer): (cos before the residual add, after)}`` from collected statistics."""
+    out = {}
+    for key, s in stats.items():
+        if key.startswith("sublayer:") and s.cosine is not None:
+            _, block, sub = key.split(":")
+            out[(int(block), sub)] = (float(s.cosine[0]), float(s.cosine[1]))
+    return out
+
+
+def _cosine_hooks(model: nn.Module) -> tuple[dict[str, SublayerCosine], dict[str, object], dict[str, object]]:
+    arch = architecture_for(model)
+    path, blocks = decoder_blocks(model, arch)
+    device = next(model.parameters()).device
+    accs, pre, post = {}, {}, {}
+    for i in range(len(blocks)):
+        for sub in arch.sublayers:
+            acc = accs[sublayer_key(i, sub.name)] = SublayerCosine(device)
+            pre[f"{path}.{i}.{sub.start}"] = acc.enter
+            post[f"{path}.{i}.{sub.end}"] = acc.exit
+    return accs, pre, post
+
+
 @contextmanager
-def hooks_on(model: nn.Module, hooks: dict[str, object]):
-    """Register forward pre-hooks ``{module name: hook}``; remove them whatever happens."""
+def hooks_on(model: nn.Module, hooks: dict[str, object], after: dict[str, object] | None = None):
+    """Register forward pre-hooks ``{module name: hook}`` (and forward hooks ``after``);
+    remove them whatever happens."""
     handles = []
     try:
         for name, hook in hooks.items():
             handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+        for name, hook in (after or {}).items():
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
         yield
     finally:
         for handle in handles:
@@ -191,18 +259,31 @@ def collect_statistics(model: nn.Module, targets: Sequence[TargetLinear], window
     kinds = frozenset(kinds)
     parsed = {parse_kind(k)[0] for k in kinds}
     stats: dict[str, InputStatistics] = {}
-    input_kinds = frozenset(k for k in kinds if parse_kind(k)[0] != FISHER)
-    if input_kinds:
+    input_kinds = frozenset(k for k in kinds if parse_kind(k)[0] not in (FISHER, COSINE))
+    if input_kinds or COSINE in parsed:
         device = next(model.parameters()).device
         groups = {t.group: t.shape[1] for t in targets}
-        accumulators = {g: InputAccumulator(n, device, input_kinds, windows.numel()) for g, n in groups.items()}
-        with hooks_on(model, accumulators):
+        accumulators = ({g: InputAccumulator(n, device, input_kinds, windows.numel()) for g, n in groups.items()}
+                        if input_kinds else {})
+        cosines, enter, exit_ = _cosine_hooks(model) if COSINE in parsed else ({}, {}, {})
+        pre = dict(accumulators)
+        for name, hook in enter.items():  # a sublayer start may also be a target's input module
+            pre[name] = _chain(pre[name], hook) if name in pre else hook
+        with hooks_on(model, pre, exit_):
             decoder_forward(model, windows, batch_size, desc="calibration")
         stats.update({g: acc.finish() for g, acc in accumulators.items()})
+        stats.update({key: acc.finish() for key, acc in cosines.items()})
     if FISHER in parsed:
         for name, rows in collect_fisher(model, targets, windows, batch_size).items():
             stats[fisher_key(name)] = InputStatistics(tokens=windows.numel(), fisher=rows)
     return stats
+
+
+def _chain(first, second):
+    def hook(module: nn.Module, args: tuple) -> None:
+        first(module, args)
+        second(module, args)
+    return hook
 
 
 def fisher_key(name: str) -> str:

@@ -10,6 +10,7 @@ from lrc.calibration import (
     HFDataset,
     TextFile,
     embedded_chunks,
+    held_out_windows,
     sample_document_windows,
     sample_windows,
     tokenize,
@@ -126,3 +127,30 @@ def test_embedded_identity_follows_the_split_text(monkeypatch):
 def test_calibration_options_are_checked_on_construction(opts, match):
     with pytest.raises(ConfigError, match=match):
         Calibration(source=EmbeddedText("calibration"), **opts)
+
+
+def test_held_out_windows_never_overlap_calibration_windows():
+    ids = torch.arange(10_000)  # every position is its own token, so overlap is visible
+    taken = sample_windows(ids, 40, 64, seed=0)
+    held = held_out_windows(ids, taken, 20, 64, seed=0)
+    assert held.shape == (20, 64)
+    used = set(taken.flatten().tolist())
+    assert not used & set(held.flatten().tolist())
+    assert torch.equal(held, held_out_windows(ids, taken, 20, 64, seed=0))
+    with pytest.raises(DataError, match="disjoint from the calibration windows"):
+        held_out_windows(ids[:700], taken[:5], 20, 64, seed=0)
+
+
+def test_validation_windows_come_from_the_validation_source(tmp_path):
+    tok = byte_tokenizer()
+    cal = Calibration(EmbeddedText("calibration"), nsamples=2, seqlen=64, validation=EmbeddedText("validation"))
+    windows = cal.validation_windows(tok, 3, 64)
+    text = tokenize(tok, EmbeddedText("validation").text())
+    for w in windows:  # every window is a slice of the validation split
+        assert (text.unfold(0, 64, 1) == w).all(1).any()
+    path = tmp_path / "t.txt"
+    path.write_text("word " * 3000)
+    plain = Calibration(TextFile(str(path)), nsamples=2, seqlen=64)
+    assert plain.validation_windows(tok, 3, 64).shape == (3, 64)  # held-out tiles of the same text
+    with pytest.raises(ConfigError, match="need calibration.validation"):
+        Calibration(TextFile(str(path)), nsamples=2, seqlen=64, sampling="documents").validation_windows(tok, 3, 64)

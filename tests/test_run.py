@@ -78,6 +78,20 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path):
         assert json.loads(record_path.read_text())["status"] == "failed"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["allocator=ressvd_plc", "allocator.k=1", "ratio=0.6"], "k=1 must exceed N*R = 2*0.6 = 1.2"),
+    (["allocator=bayes", "trials=0"], "n_trials=0 must be an integer >= 1"),
+    (["allocator=bayes", "allocator.groups=[[qkv_proj],[o_proj]]"], "unknown group name(s) ['qkv_proj']"),
+    (["allocator=mgaa", "allocator.inner=best"], "inner='best' is not one of"),
+])
+def test_bad_allocator_input_fails_before_heavy_work(args, message, tmp_path):
+    cache = tmp_path / "cache"
+    proc = cli([*TINY, *args, f"cache_dir={cache}"], tmp_path / "run")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (cache / "stats").exists() and not (cache / "dense").exists()  # nothing heavy started
+
+
 def test_multirun_sweep_records_each_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "lrc.run", "-m", *TINY, "factorizer=svd,svdllm", "ratio=0.2,0.4",
@@ -103,3 +117,31 @@ def test_every_factorizer_runs_end_to_end(factorizer, tmp_path):
     if factorizer == "feature_pca":  # bias compensation adds one bias per compressed matrix
         assert record["params"]["model_after"] > record["params"]["model_before"] - (
             record["params"]["target_before"] - record["params"]["target_after"])
+
+
+SEARCH = ["trials=3", "allocator.validation.nsamples=2", "allocator.validation.seqlen=64"]
+ALLOCATOR_ARGS = {"uniform": [], "energy": [], "mgaa": [], "bayes": [*SEARCH, "allocator.startup_trials=2"],
+                  "ressvd_plc": SEARCH[1:]}
+
+
+@pytest.mark.parametrize("allocator", sorted(p.stem for p in (REPO / "conf" / "allocator").glob("*.yaml")))
+def test_every_allocator_runs_end_to_end(allocator, tmp_path):
+    record = run(compose([*TINY, f"allocator={allocator}", *ALLOCATOR_ARGS[allocator], "ratio=0.4"]), tmp_path)
+    assert record["status"] == "done" and validate_record(record) == []
+    params = record["params"]
+    assert params["target_before"] * 0.6 >= params["target_after"]  # never over the budget
+    assert params["removed_fraction"] < 0.4 + sum(m + n for m, n in SHAPES) / params["target_before"]
+    if allocator == "bayes":
+        assert [t["trial"] for t in record["trials"]] == [0, 1, 2]
+        assert (tmp_path / "trials.csv").read_text().splitlines()[0].startswith("trial,")
+        assert record["diagnostics"]["allocation"]["best_objective"] == min(t["objective"] for t in record["trials"])
+    if allocator == "ressvd_plc":  # N R = 0.8: k = 1 or 2, the first N - k blocks dense
+        k = record["diagnostics"]["allocation"]["k"]
+        assert [t["k"] for t in record["trials"]] == [1, 2]
+        dense = [n for n, r in record["ranks"].items() if int(n.split(".")[2]) < 2 - k]
+        assert all(record["ranks"][n] in (32, 64) for n in dense)
+    if allocator == "mgaa":
+        assert len(record["diagnostics"]["allocation"]["sublayer_cosine"]) == 4
+
+
+SHAPES = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)] * 2

@@ -5,7 +5,7 @@ from lrc.adapters import find_targets
 from lrc.cache import StatisticsCache
 from lrc.errors import ConfigError
 from lrc.factorizers.base import InputStatistics
-from lrc.statistics import collect_statistics, for_target
+from lrc.statistics import collect_statistics, for_target, sublayer_cosine
 
 
 def test_gram_equals_inputs_outer_product(tiny):
@@ -28,6 +28,9 @@ def test_hooks_removed_even_on_failure(tiny):
     with pytest.raises(IndexError):
         collect_statistics(model, targets, torch.full((1, 4), 10_000), {"gram"})  # token id out of range
     assert all(not m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(IndexError):
+        collect_statistics(model, targets, torch.full((1, 4), 10_000), {"cosine"})
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
 def test_unknown_kind_is_clear(tiny):
@@ -144,3 +147,31 @@ def test_for_target_combines_shared_input_and_own_fisher(tiny):
     assert sq.gram is sk.gram and sq.derived is sk.derived  # one input, one Gram, shared derived data
     assert sq.fisher.shape == (q.shape[0],) and sk.fisher.shape == (k.shape[0],)
     assert not torch.equal(sq.fisher[: k.shape[0]], sk.fisher)
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean().item()
+
+
+def test_sublayer_cosine_matches_hidden_states(tiny):
+    """Independent check through the residual stream: block input h_i, MLP input x = h_i + attn(h_i),
+    block output h_{i+1} = x + mlp(x)."""
+    model = tiny.model
+    targets = find_targets(model)
+    windows = torch.randint(3, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    mlp_inputs = []
+    handles = [block.post_attention_layernorm.register_forward_pre_hook(lambda m, a: mlp_inputs.append(a[0]))
+               for block in model.model.layers]
+    try:
+        with torch.no_grad():
+            hidden = model(input_ids=windows, output_hidden_states=True).hidden_states
+    finally:
+        for h in handles:
+            h.remove()
+    cos = sublayer_cosine(collect_statistics(model, targets, windows, {"cosine", "gram"}, batch_size=2))
+    assert set(cos) == {(b, s) for b in range(2) for s in ("attn", "mlp")}
+    h0, x0, h1 = hidden[0], mlp_inputs[0], hidden[1]  # hidden[-1] has the final norm applied
+    assert cos[(0, "attn")] == pytest.approx((_cos(h0, x0 - h0), _cos(h0, x0)), abs=1e-5)
+    assert cos[(0, "mlp")] == pytest.approx((_cos(x0, h1 - x0), _cos(x0, h1)), abs=1e-5)
+    x1 = mlp_inputs[1]
+    assert cos[(1, "attn")] == pytest.approx((_cos(h1, x1 - h1), _cos(h1, x1)), abs=1e-5)

@@ -1,24 +1,34 @@
 """The allocator protocol.
 
 An allocator never sees weights: it gets each target matrix's shape, position and
-(optionally) the spectrum its factorizer would truncate, plus the parameter budget,
-and returns a rank plan ``{module name: rank}``. The pipeline checks every plan with
+(optionally) the spectrum to allocate energy over, plus the parameter budget and an
+:class:`AllocationContext` (sublayer statistics, a validation scorer), and returns a
+rank plan ``{module name: rank}``. The pipeline checks every plan with
 :func:`lrc.budget.check_plan`.
+
+What an allocator declares, so the pipeline prepares only that:
+
+* ``spectrum_source`` - ``"factorizer"`` (the spectrum the chosen factorizer truncates) or
+  ``"weight"`` (the plain weight's singular values) fills ``MatrixInfo.spectrum``; None: none.
+* ``needs`` - calibration statistics kinds (e.g. ``"cosine"`` for sublayer similarity).
+* ``validation`` - a :class:`Validation`: the pipeline builds a scorer that evaluates a
+  candidate plan on held-out calibration text (search-based allocators).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from lrc.budget import Budget, Shape
+from lrc.errors import ConfigError
 
 RankPlan = dict[str, int]
-ScoreFn = Callable[[Mapping[str, int]], float]  # rank plan -> validation loss (lower is better)
+SPECTRUM_SOURCES = ("factorizer", "weight")
 
 
 @dataclass(frozen=True)
@@ -30,22 +40,108 @@ class MatrixInfo:
     block: int  # decoder block index
     sublayer: str  # "attn" | "mlp"
     kind: str  # projection type, e.g. "q_proj"
-    spectrum: torch.Tensor | None = None  # descending, in the factorizer's loss metric
+    spectrum: torch.Tensor | None = None  # descending singular values (see Allocator.spectrum_source)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A candidate plan evaluated on the validation windows (lower is better)."""
+
+    objective: float  # ppl + kl_weight * kl
+    ppl: float
+    kl: float  # reverse KL(compressed || dense), mean per token
+
+
+# score(plan, **trial_info) -> Score; trial_info is logged with the trial (e.g. its group ratios).
+ScoreFn = Callable[..., Score]
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The held-out validation subset a search-based allocator scores plans on.
+
+    Drawn from the calibration config's validation text (or held-out windows of the
+    calibration text), never from benchmark text.
+    """
+
+    nsamples: int = 8
+    seqlen: int = 256
+    batch_size: int = 4
+    kl_weight: float = 1.0  # objective = ppl + kl_weight * reverse KL
+
+    def __post_init__(self) -> None:
+        for key in ("nsamples", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"validation.{key}={value!r} must be a positive integer")
+        if not isinstance(self.seqlen, int) or self.seqlen < 2:
+            raise ConfigError(f"validation.seqlen={self.seqlen!r} must be an integer >= 2")
+        if not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
+            raise ConfigError(f"validation.kl_weight={self.kl_weight!r} must be a number >= 0")
+
+    @classmethod
+    def build(cls, options: Mapping[str, Any] | Validation | None) -> Validation:
+        if isinstance(options, Validation):
+            return options
+        try:
+            return cls(**dict(options or {}))
+        except TypeError as exc:
+            raise ConfigError(f"validation: {exc}") from None
+
+
+@dataclass
+class AllocationContext:
+    """What the pipeline hands an allocator besides the matrices and the budget."""
+
+    # (block, sublayer) -> mean cosine similarity of the sublayer's input and output
+    # hidden states: (before the residual add, after it).
+    sublayer_cosine: Mapping[tuple[int, str], tuple[float, float]] = field(default_factory=dict)
+    score: ScoreFn | None = None
 
 
 class Allocator(ABC):
     """Splits a :class:`~lrc.budget.Budget` into ranks.
 
-    ``needs_spectra``: the pipeline must decompose every matrix before allocating.
-    ``needs`` names extra calibration statistics (e.g. sublayer cosine similarity).
+    After :meth:`allocate`, ``report`` holds what the allocator decided beyond the ranks
+    (sublayer ratios, the chosen k, the best trial); it goes into ``result.json``.
     """
 
-    needs_spectra: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset()
+    spectrum_source: str | None = None
+    validation: Validation | None = None
+
+    def check(self, matrices: Sequence[MatrixInfo], budget: Budget) -> None:  # noqa: B027 - optional hook
+        """Raise a ConfigError if this allocator cannot meet ``budget`` on these matrices.
+
+        Called before any heavy work (statistics, factorization); ``spectrum`` is None here.
+        """
 
     @abstractmethod
-    def allocate(self, matrices: Sequence[MatrixInfo], budget: Budget, score: ScoreFn | None = None) -> RankPlan:
+    def allocate(self, matrices: Sequence[MatrixInfo], budget: Budget,
+                 context: AllocationContext | None = None) -> RankPlan:
         """Return a rank for every matrix in ``matrices``."""
 
+    @property
+    def report(self) -> dict[str, Any]:
+        return getattr(self, "_report", {})
+
+    @report.setter
+    def report(self, value: dict[str, Any]) -> None:
+        self._report = value
+
     def describe(self) -> dict[str, Any]:
-        return {"name": type(self).__name__, **{k: str(v) for k, v in vars(self).items()}}
+        out = {"name": type(self).__name__}
+        for key, value in vars(self).items():
+            if not key.startswith("_"):
+                out[key] = asdict(value) if isinstance(value, Validation) else str(value)
+        return out
+
+
+def check_spectrum_source(value: str | None) -> str | None:
+    if value is not None and value not in SPECTRUM_SOURCES:
+        raise ConfigError(f"spectrum={value!r} is not one of {SPECTRUM_SOURCES}")
+    return value
+
+
+def blocks_of(matrices: Sequence[MatrixInfo]) -> list[int]:
+    return sorted({m.block for m in matrices})
