@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ from lrc.tracking import Tracker
 
 log = logging.getLogger(__name__)
 STATS_MODE = "whole-model"
+# Most bytes of decompositions held between allocation and factorization when the allocator
+# only needs spectra (beyond it, matrices are decomposed a second time instead).
+KEEP_DECOMPOSITIONS_BYTES = 8 * 2**30
 
 
 @dataclass
@@ -134,14 +138,16 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
         return factorizer.decompose(weight, for_target(stats, by_name[name]))
 
     decompositions: dict[str, Decomposition] = {}
+    spectra: dict[str, torch.Tensor] = {}
     if allocator.spectrum_source == "factorizer" or validation is not None:  # every matrix, once
         with watch("factorization_s"):
-            for t in tqdm(targets, desc="decompose", leave=False, disable=None):
-                decompositions[t.name] = decompose(t.name)
+            spectra = decompose_all(targets, decompose, decompositions, keep_all=validation is not None)
     with watch("allocation_s"):
+        if allocator.spectrum_source == "weight":
+            spectra = {t.name: torch.linalg.svdvals(model.get_submodule(t.name).weight.detach().double())
+                       for t in targets}
         if allocator.spectrum_source is not None:
-            matrices = [replace(m, spectrum=_spectrum(allocator.spectrum_source, model, m.name, decompositions))
-                        for m in matrices]
+            matrices = [replace(m, spectrum=spectra[m.name]) for m in matrices]
         scorer = (PlanScorer(model, targets, decompositions, held_out, budget, validation.batch_size,
                              validation.kl_weight, tracker) if validation is not None else None)
         context = AllocationContext(sublayer_cosine=sublayer_cosine(stats), score=scorer)
@@ -188,10 +194,28 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
                    timings=watch.timings, diagnostics=diagnostics, trials=trials)
 
 
-def _spectrum(source: str, model: nn.Module, name: str, decompositions: dict[str, Decomposition]) -> torch.Tensor:
-    if source == "factorizer":
-        return decompositions[name].spectrum
-    return torch.linalg.svdvals(model.get_submodule(name).weight.detach().double())
+def decompose_all(targets: list[TargetLinear], decompose: Callable[[str], Decomposition],
+                  decompositions: dict[str, Decomposition], keep_all: bool,
+                  keep_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Decompose every target once; return the spectra.
+
+    Decompositions are kept in ``decompositions`` for the factorization step up to
+    ``keep_bytes`` (the rest is decomposed again there), or all of them when ``keep_all``
+    (an allocator that scores plans needs every one); kept ones live on the CPU, so a GPU
+    holds one decomposition at a time.
+    """
+    spectra, held = {}, 0
+    keep_bytes = KEEP_DECOMPOSITIONS_BYTES if keep_bytes is None else keep_bytes
+    for t in tqdm(targets, desc="decompose", leave=False, disable=None):
+        dec = decompose(t.name)
+        spectra[t.name] = dec.spectrum.detach().cpu()
+        if keep_all or held + dec.nbytes <= keep_bytes:
+            decompositions[t.name] = dec.to("cpu")
+            held += dec.nbytes
+    if len(decompositions) < len(targets):
+        log.info("kept %d of %d decompositions (%.1f GiB); the rest are recomputed when factorizing",
+                 len(decompositions), len(targets), held / 2**30)
+    return spectra
 
 
 def _stored(module: nn.Module) -> int:

@@ -41,3 +41,18 @@ def test_wandb_offline_run_logs_config_metrics_and_rank_plan(tmp_path, monkeypat
     text = json.dumps([r for r in logged if r.get("type") == "run"])
     assert '\\"ratio\\"' in text or '"ratio"' in text  # the config travels with the run
     assert "0.3" in text
+
+
+def test_wandb_offline_run_logs_every_search_trial(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    record = run(compose([*TINY, "logger=wandb", "ratio=0.4", "allocator=bayes", "trials=3",
+                          "allocator.startup_trials=2", "allocator.validation.nsamples=2",
+                          "allocator.validation.seqlen=64"]), tmp_path)
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    history = [r["history"]["item"] for r in records(run_dir) if r.get("type") == "history"]
+    trials = [h for h in history if "trial/objective" in h]
+    assert [t["trial/trial"] for t in trials] == [0, 1, 2]
+    assert [t["trial/objective"] for t in trials] == [t["objective"] for t in record["trials"]]
+    assert "trial/ratio/q+k" in trials[0]
+    table = json.loads(next((run_dir / "files" / "media" / "table").glob("trials_*.table.json")).read_text())
+    assert len(table["data"]) == 3 and "objective" in table["columns"]

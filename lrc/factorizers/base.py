@@ -9,7 +9,7 @@ metric (so every allocator works with every factorizer).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -87,13 +87,16 @@ class Decomposition:
         """Loss of the rank-``rank`` truncation in the factorizer's metric."""
         return float((self.spectrum[rank:].double() ** 2).sum())
 
-    def energy(self) -> torch.Tensor:
-        """Cumulative retained energy fraction for ranks 1..k (float64)."""
-        sq = self.spectrum.double() ** 2
-        total = sq.sum()
-        if total <= 0:
-            return torch.ones_like(sq)
-        return torch.cumsum(sq, 0) / total
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    def to(self, device: torch.device | str) -> Decomposition:
+        """This decomposition with every tensor moved to ``device`` (e.g. kept on the CPU)."""
+        return replace(self, **{k: t.to(device) for k, t in self._tensors().items()})
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
 
 class Factorizer(ABC):
