@@ -84,7 +84,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, des
     return value
 
 
-def run_benchmarks(model: nn.Module, tokenizer: Any, benchmarks: list[PerplexityBenchmark]) -> dict[str, float]:
+def run_benchmarks(model: nn.Module, tokenizer: Any, benchmarks: list[Any]) -> dict[str, float]:
+    """Every benchmark's metrics (perplexity sets, lm-eval zero-shot tasks) in one dict."""
     metrics: dict[str, float] = {}
     for bench in benchmarks:
         metrics.update(bench.run(model, tokenizer))

@@ -27,6 +27,7 @@ from lrc.errors import ConfigError, LrcError
 from lrc.evaluation import PerplexityBenchmark
 from lrc.paths import cache_root
 from lrc.records import versions, write_record, write_trials
+from lrc.zeroshot import ZeroShotBenchmark
 
 log = logging.getLogger("lrc")
 
@@ -51,8 +52,8 @@ def build(node: Any, what: str, **kwargs: Any) -> Any:
         raise ConfigError(f"{what}: {exc}") from None
 
 
-def build_benchmarks(cfg: DictConfig) -> list[PerplexityBenchmark]:
-    benches = []
+def build_benchmarks(cfg: DictConfig) -> list[PerplexityBenchmark | ZeroShotBenchmark]:
+    benches: list[PerplexityBenchmark | ZeroShotBenchmark] = []
     for name, node in (cfg.benchmark.get("perplexity") or {}).items():
         opts = OmegaConf.to_container(node, resolve=True)
         source = build(node.source, f"benchmark.perplexity.{name}.source")
@@ -61,6 +62,14 @@ def build_benchmarks(cfg: DictConfig) -> list[PerplexityBenchmark]:
             benches.append(PerplexityBenchmark(name=name, source=source, **opts))
         except TypeError as exc:
             raise ConfigError(f"benchmark.perplexity.{name}: {exc}") from None
+    zeroshot = cfg.benchmark.get("zeroshot")
+    if zeroshot:
+        try:
+            bench = ZeroShotBenchmark(**OmegaConf.to_container(zeroshot, resolve=True))
+        except TypeError as exc:
+            raise ConfigError(f"benchmark.zeroshot: {exc}") from None
+        bench.check()  # unknown task names fail here, before the model is loaded
+        benches.append(bench)
     if not benches:
         raise ConfigError(f"benchmark={cfg.benchmark.get('name')!r} defines no benchmark")
     return benches

@@ -72,7 +72,7 @@ def test_calibrations_instantiate(option, tmp_path):
 @pytest.mark.parametrize("option", options("benchmark"))
 def test_benchmarks_instantiate(option):
     cfg = compose([f"benchmark={option}", *REQUIRED.get(("benchmark", option), [])])
-    assert [b.metric for b in build_benchmarks(cfg)]
+    assert [b.name for b in build_benchmarks(cfg)]
 
 
 def test_tiny_random_model_instantiates():
