@@ -1,13 +1,20 @@
-"""Collect ``result.json`` files under a folder into one markdown comparison table.
+"""Compare runs: one table (markdown and CSV) and PNG plots from ``result.json`` files or W&B.
 
-``python -m lrc.report outputs/multirun/2026-11-23/10-00-00`` prints one row per run:
-allocator, factorizer, ratio, removed fraction, every metric (with the dense value and the
-ratio to it) and the seconds the run took. Unreadable records are reported and skipped.
+    python -m lrc.report outputs/multirun/allocators            # a folder, searched recursively
+    python -m lrc.report wandb:ENTITY/PROJECT --out report/      # runs of a W&B project
+
+One row per run: method (allocator x factorizer), ratio, removed fraction, status, every
+metric with the dense value and the ratio to it, and the seconds the run took. Plots:
+every perplexity and mean zero-shot accuracy against the ratio (one line per method), and
+the ranks per layer of one run (``--ranks-of``, default the first finished run).
+Unreadable records are reported and skipped; failed runs are listed with their error.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
 import re
@@ -15,9 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lrc.cache import atomic_write_bytes
 from lrc.records import RESULT_FILE
 
 log = logging.getLogger(__name__)
+WANDB_PREFIX = "wandb:"
 
 
 def collect(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -36,34 +45,73 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
     return records, problems
 
 
+def collect_wandb(project: str, api: Any = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Records rebuilt from the runs of a W&B project (``entity/project``): config, summary metrics."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    records, problems = [], []
+    for run in api.runs(project):
+        summary = dict(run.summary)
+        metrics = {k: v for k, v in summary.items() if _is_metric(k) and isinstance(v, (int, float))}
+        dense = {k.removeprefix("dense/"): v for k, v in summary.items() if k.startswith("dense/")}
+        if not metrics:
+            problems.append(f"{project}/{run.id}: no metrics logged (state {run.state})")
+            continue
+        records.append({"status": "done" if run.state == "finished" else run.state, "config": dict(run.config),
+                        "metrics": metrics, "dense_metrics": dense,
+                        "params": {"removed_fraction": summary.get("removed_fraction")},
+                        "timings": {}, "_path": f"{project}/{run.id}"})
+    return records, problems
+
+
+def _is_metric(key: str) -> bool:
+    return key.startswith(("ppl/", "lm_eval/"))
+
+
 def _natural(path: Path) -> list:
     """Sort key: '2_x' before '10_x' (Hydra numbers sweep jobs without padding)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
-def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    metrics = sorted({m for r in records for m in r.get("metrics", {})})
+def method(record: dict[str, Any]) -> str:
+    cfg = record.get("config", {})
+    return f"{cfg.get('allocator', {}).get('name', '?')} x {cfg.get('factorizer', {}).get('name', '?')}"
+
+
+def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The comparison table as raw values (None where a value is missing)."""
+    metrics = sorted({m for r in records for m in r.get("metrics", {})}, key=lambda m: (not m.startswith("ppl"), m))
     header = ["allocator", "factorizer", "ratio", "removed", "status"]
     for m in metrics:
         header += [m, f"dense {m}", "x dense"]
-    header += ["total s"]
+    header += ["total s", "run"]
     table = []
     for r in records:
         cfg = r.get("config", {})
-        row = [str(cfg.get("allocator", {}).get("name", "?")), str(cfg.get("factorizer", {}).get("name", "?")),
-               f"{cfg.get('ratio', float('nan')):g}", _num(r.get("params", {}).get("removed_fraction")), r["status"]]
+        row = [cfg.get("allocator", {}).get("name", "?"), cfg.get("factorizer", {}).get("name", "?"),
+               cfg.get("ratio"), r.get("params", {}).get("removed_fraction"), r["status"]]
         for m in metrics:
             value, dense = r.get("metrics", {}).get(m), r.get("dense_metrics", {}).get(m)
-            row += [_num(value), _num(dense), _num(value / dense if value and dense else None)]
-        row.append(_num(r.get("timings", {}).get("total_s")))
+            row += [value, dense, value / dense if value is not None and dense else None]
+        row += [r.get("timings", {}).get("total_s"), r.get("_path")]
         table.append(row)
     return header, table
 
 
-def markdown(header: list[str], table: list[list[str]]) -> str:
+def markdown(header: list[str], table: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in table]
+    lines += ["| " + " | ".join(_num(v) for v in row) + " |" for row in table]
     return "\n".join(lines)
+
+
+def to_csv(header: list[str], table: list[list[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in table])
+    return buffer.getvalue()
 
 
 def _num(value: Any) -> str:
@@ -72,17 +120,63 @@ def _num(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def plot(records: list[dict[str, Any]], out: Path, ranks_of: str | None = None) -> list[Path]:
+    """PNG files: each metric vs ratio, and the ranks per layer of one run."""
+    from lrc import plots
+
+    done = [r for r in records if r.get("status") == "done"]
+    points = [{"method": method(r), "ratio": r["config"].get("ratio"), **r.get("metrics", {})} for r in done]
+    written = []
+    metrics = sorted({m for r in done for m in r.get("metrics", {})})
+    for m in [m for m in metrics if m.startswith("ppl/")] + [m for m in metrics if m == "lm_eval/mean_acc"]:
+        dense = next((r["dense_metrics"].get(m) for r in done if r.get("dense_metrics", {}).get(m)), None)
+        fig = plots.metric_vs_ratio(points, m, dense=dense, log_scale=m.startswith("ppl/"))
+        written.append(_save(fig, out / f"{m.replace('/', '_')}_vs_ratio.png"))
+    chosen = next((r for r in done if ranks_of is None or ranks_of in r.get("_path", "")), None)
+    if chosen is not None and chosen.get("ranks"):
+        title = f"ranks per layer: {method(chosen)} at ratio {chosen['config'].get('ratio')}"
+        written.append(_save(plots.ranks_per_layer(chosen["ranks"], title), out / "ranks_per_layer.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lrc.report", description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, help="folder holding result.json files (searched recursively)")
+    parser.add_argument("source", help="folder holding result.json files (searched recursively), "
+                                       "or wandb:ENTITY/PROJECT")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write report.md, report.csv and the PNG plots here (default: print the table only)")
+    parser.add_argument("--ranks-of", default=None, help="plot the ranks per layer of the run whose path contains this")
     args = parser.parse_args(argv)
-    records, problems = collect(args.root)
+    if args.source.startswith(WANDB_PREFIX):
+        records, problems = collect_wandb(args.source.removeprefix(WANDB_PREFIX))
+    else:
+        if not Path(args.source).is_dir():
+            print(f"lrc: error: results folder {args.source!r} does not exist", file=sys.stderr)
+            return 2
+        records, problems = collect(Path(args.source))
     for problem in problems:
         print(f"skipped {problem}", file=sys.stderr)
     if not records:
-        print(f"lrc: error: no result.json records under {args.root}", file=sys.stderr)
+        print(f"lrc: error: no result.json records under {args.source}", file=sys.stderr)
         return 2
-    print(markdown(*rows(records)))
+    for r in records:
+        if r["status"] != "done":
+            print(f"failed run {r.get('_path')}: {r.get('error', r['status'])}", file=sys.stderr)
+    header, table = rows(records)
+    text = markdown(header, table)
+    print(text)
+    if args.out is not None:
+        atomic_write_bytes(args.out / "report.md", (text + "\n").encode())
+        atomic_write_bytes(args.out / "report.csv", to_csv(header, table).encode())
+        for path in plot(records, args.out, args.ranks_of):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -1,33 +1,92 @@
+import csv
 import json
+from types import SimpleNamespace
 
-from lrc.report import collect, main, markdown, rows
+import pytest
+
+from lrc.report import collect, collect_wandb, main, markdown, rows
 
 
-def record(factorizer, ratio, ppl, status="done"):
-    return {"status": status, "config": {"allocator": {"name": "uniform"}, "factorizer": {"name": factorizer},
+def record(allocator, factorizer, ratio, ppl, acc=None, status="done"):
+    metrics = {"ppl/x": ppl, **({"lm_eval/mean_acc": acc} if acc is not None else {})}
+    dense = {"ppl/x": 10.0, **({"lm_eval/mean_acc": 0.6} if acc is not None else {})}
+    ranks = {f"model.layers.{b}.self_attn.{k}": 8 + b * (2 if k == "q_proj" else 1) for b in range(4)
+             for k in ("q_proj", "k_proj")}
+    return {"status": status, "config": {"allocator": {"name": allocator}, "factorizer": {"name": factorizer},
                                          "ratio": ratio},
-            "params": {"removed_fraction": ratio + 0.001}, "metrics": {"ppl/x": ppl}, "dense_metrics": {"ppl/x": 10.0},
-            "timings": {"total_s": 3.0}}
+            "params": {"removed_fraction": ratio + 0.001}, "metrics": metrics, "dense_metrics": dense,
+            "timings": {"total_s": 3.0}, "ranks": ranks}
 
 
-def test_table_rows_and_values(tmp_path, capsys):
-    for i, (fac, ratio, ppl) in zip((2, 10), [("svd", 0.2, 1000.0), ("svdllm", 0.2, 25.0)], strict=True):
-        (tmp_path / f"{i}_run").mkdir()
-        (tmp_path / f"{i}_run" / "result.json").write_text(json.dumps(record(fac, ratio, ppl)))
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "result.json").write_text("{not json")
-    records, problems = collect(tmp_path)
-    assert len(records) == 2 and len(problems) == 1 and "bad" in problems[0]
+def write(root, name, rec):
+    (root / name).mkdir(parents=True)
+    (root / name / "result.json").write_text(json.dumps(rec) if isinstance(rec, dict) else rec)
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """A synthetic 2 allocators x 2 ratios sweep, plus a corrupt and a failed record."""
+    results = tmp_path / "results"
+    runs = [("uniform", 0.2, 100.0, 0.5), ("uniform", 0.4, 180.0, 0.45), ("mgaa", 0.2, 80.0, 0.52),
+            ("mgaa", 0.4, 160.0, 0.47)]
+    for i, (alloc, ratio, ppl, acc) in enumerate(runs):
+        write(results, f"{i}_allocator={alloc},ratio={ratio}", record(alloc, "svdllm", ratio, ppl, acc))
+    write(results, "10_bad", "{not json")
+    write(results, "11_failed", {"status": "failed", "error": "ConfigError: k=1 must exceed N*R",
+                                 "config": {"allocator": {"name": "ressvd_plc"}}})
+    return results
+
+
+def test_table_rows_and_values(sweep):
+    records, problems = collect(sweep)
+    assert len(records) == 5 and len(problems) == 1 and "10_bad" in problems[0]
     header, table = rows(records)
     assert header[:5] == ["allocator", "factorizer", "ratio", "removed", "status"]
-    assert table[0][1] == "svd" and table[0][5] == "1000" and table[0][7] == "100"
-    assert table[1][1] == "svdllm" and table[1][7] == "2.5"
-    assert main([str(tmp_path)]) == 0
-    out = capsys.readouterr()
-    assert "| uniform | svdllm | 0.2 |" in out.out and "skipped" in out.err
-    assert markdown(header, table).count("\n") == 3
+    assert header[5:8] == ["ppl/x", "dense ppl/x", "x dense"]  # perplexity first
+    assert [r[0] for r in table] == ["uniform", "uniform", "mgaa", "mgaa", "ressvd_plc"]  # natural order
+    assert table[0][2] == 0.2 and table[0][5] == 100.0 and table[0][7] == 10.0
+    assert table[2][header.index("lm_eval/mean_acc")] == 0.52
+    assert table[2][header.index("x dense", 9)] == pytest.approx(0.52 / 0.6)
+    assert table[4][4] == "failed" and table[4][5] is None
+    text = markdown(header, table)
+    assert "| mgaa | svdllm | 0.2 | 0.201 | done | 80 | 10 | 8 |" in text and text.count("\n") == 6
 
 
-def test_no_results_is_a_clear_error(tmp_path, capsys):
+def test_main_writes_markdown_csv_and_plots(sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out), "--ranks-of", "2_allocator=mgaa"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and "10_bad" in captured.err
+    assert "failed run" in captured.err and "k=1 must exceed" in captured.err
+    assert "| uniform | svdllm | 0.4 |" in captured.out
+    with open(out / "report.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 5 and table[1]["ppl/x"] == "180.0" and table[1]["allocator"] == "uniform"
+    assert (out / "report.md").read_text().startswith("| allocator |")
+    import matplotlib.image
+
+    for name in ("ppl_x_vs_ratio.png", "lm_eval_mean_acc_vs_ratio.png", "ranks_per_layer.png"):
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 300 and image.shape[1] > 500
+        assert image[..., :3].std() > 0.05  # not a blank canvas: lines, axes, labels
+
+
+def test_no_results_or_no_folder_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no result.json records" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_wandb_project_source():
+    """The W&B source reads config and summary through wandb's public API (a stand-in here)."""
+    runs = [SimpleNamespace(id="a1", state="finished", config={"allocator": {"name": "bayes"}, "ratio": 0.2,
+                                                                 "factorizer": {"name": "svdllm"}},
+                            summary={"ppl/x": 70.0, "dense/ppl/x": 38.0, "removed_fraction": 0.2, "trial/ppl": 5}),
+            SimpleNamespace(id="b2", state="crashed", config={}, summary={})]
+    api = SimpleNamespace(runs=lambda path: runs if path == "me/lrc" else [])
+    records, problems = collect_wandb("me/lrc", api=api)
+    assert len(records) == 1 and "b2" in problems[0]
+    assert records[0]["metrics"] == {"ppl/x": 70.0} and records[0]["dense_metrics"] == {"ppl/x": 38.0}
+    header, table = rows(records)
+    assert table[0][:3] == ["bayes", "svdllm", 0.2] and table[0][7] == pytest.approx(70 / 38)
