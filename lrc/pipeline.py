@@ -25,6 +25,7 @@ from lrc.errors import BudgetError
 from lrc.evaluation import PerplexityBenchmark, run_benchmarks
 from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics
 from lrc.models import LoadedModel
+from lrc.plots import ranks_per_layer
 from lrc.scoring import PlanScorer
 from lrc.statistics import collect_statistics, decoder_forward, for_target, sublayer_cosine
 from lrc.swap import apply_plan
@@ -187,6 +188,7 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
         tracker.log_table("rank_plan", ["module", "block", "kind", "out", "in", "rank", "truncation_error"],
                           [[t.name, t.block, t.kind, t.shape[0], t.shape[1], plan[t.name], errors.get(t.name)]
                            for t in targets])
+        tracker.log_figure("ranks_per_layer", ranks_per_layer(plan, f"ranks per layer at ratio {ratio:g}"))
         if trials:
             columns = list(dict.fromkeys(k for row in trials for k in row))
             tracker.log_table("trials", columns, [[row.get(c) for c in columns] for row in trials])

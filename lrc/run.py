@@ -83,6 +83,14 @@ def build_calibration(cfg: DictConfig) -> Calibration:
     return Calibration(source=source, validation=validation, **opts)  # validates its options
 
 
+def sweep_group() -> str | None:
+    """The sweep's output folder (e.g. ``multirun/2026-11-23/13-00-00``) in a multirun, else None."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    sweep = Path(HydraConfig.get().sweep.dir)
+    return str(sweep.relative_to("outputs") if sweep.parts[:1] == ("outputs",) else sweep)
+
+
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Validate, build, compress, evaluate; return the record (also written to result.json)."""
     from lrc.pipeline import compress_and_evaluate
@@ -101,7 +109,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     log.info("loaded %s (%s) on %s in %.1fs", cfg.model.get("name"), type(loaded.model).__name__,
              loaded.device, load_s)
 
-    tracker = build(cfg.logger, "logger", output_dir=output_dir, config=config)
+    extra = {}
+    if cfg.logger.get("_target_", "").endswith("WandbTracker") and cfg.logger.get("group") is None:
+        extra["group"] = sweep_group()  # runs of one sweep share a W&B group
+    tracker = build(cfg.logger, "logger", output_dir=output_dir, config=config, **extra)
     with tracker:
         outcome = compress_and_evaluate(loaded, factorizer, allocator, ratio, calibration, benchmarks,
                                         cache_dir=cache_root(cfg.cache_dir), tracker=tracker,

@@ -32,6 +32,8 @@ class Tracker:
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
 
+    def log_figure(self, key: str, figure: Any) -> None: ...
+
     @property
     def run_dir(self) -> Path | None:
         return None
@@ -67,6 +69,18 @@ class WandbTracker(Tracker):
         import wandb
 
         self.run.log({key: wandb.Table(columns=columns, data=rows)})
+
+    def log_figure(self, key: str, figure: Any) -> None:
+        """A matplotlib figure, logged as an image (PNG)."""
+        import io
+
+        import wandb
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+        buffer.seek(0)
+        self.run.log({key: wandb.Image(Image.open(buffer))})
 
     @property
     def run_dir(self) -> Path | None:

@@ -41,6 +41,8 @@ def test_wandb_offline_run_logs_config_metrics_and_rank_plan(tmp_path, monkeypat
     text = json.dumps([r for r in logged if r.get("type") == "run"])
     assert '\\"ratio\\"' in text or '"ratio"' in text  # the config travels with the run
     assert "0.3" in text
+    images = list((runs[0] / "files" / "media" / "images").glob("ranks_per_layer_*.png"))
+    assert len(images) == 1 and images[0].stat().st_size > 10_000  # the per-layer rank plot
 
 
 def test_wandb_offline_run_logs_every_search_trial(tmp_path, monkeypatch):
@@ -56,3 +58,21 @@ def test_wandb_offline_run_logs_every_search_trial(tmp_path, monkeypatch):
     assert "trial/ratio/q+k" in trials[0]
     table = json.loads(next((run_dir / "files" / "media" / "table").glob("trials_*.table.json")).read_text())
     assert len(table["data"]) == 3 and "objective" in table["columns"]
+
+
+def test_sweep_runs_share_a_wandb_group_and_are_named_by_overrides(tmp_path):
+    from conftest import REPO
+
+    env = {**__import__("os").environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "lrc.run", "-m", *TINY, "logger=wandb", "ratio=0.2,0.4",
+                           f"hydra.sweep.dir={tmp_path}/sweep"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    groups, names = set(), set()
+    for run_dir in (tmp_path / "sweep").glob("*/wandb/offline-run-*"):
+        run_record = next(r for r in records(run_dir) if r.get("type") == "run")["run"]
+        groups.add(run_record.get("run_group"))
+        names.add(run_record.get("display_name"))
+    assert groups == {str(tmp_path / "sweep")}
+    assert len(names) == 2 and {n.rsplit(",", 1)[-1] for n in names} == {"ratio=0.2", "ratio=0.4"}
+    assert all("model=tiny-random" in n for n in names)  # the run name is the job's overrides
