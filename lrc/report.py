@@ -6,7 +6,7 @@
 One row per run: method (allocator x factorizer), ratio, removed fraction, status, every
 metric with the dense value and the ratio to it, and the seconds the run took. Plots:
 every perplexity and mean zero-shot accuracy against the ratio (one line per method), and
-the ranks per layer of one run (``--ranks-of``, default the first finished run).
+the ranks per layer of one run (``--ranks-of``, default the run with the lowest perplexity).
 Unreadable records are reported and skipped; failed runs are listed with their error.
 """
 
@@ -132,11 +132,18 @@ def plot(records: list[dict[str, Any]], out: Path, ranks_of: str | None = None) 
         dense = next((r["dense_metrics"].get(m) for r in done if r.get("dense_metrics", {}).get(m)), None)
         fig = plots.metric_vs_ratio(points, m, dense=dense, log_scale=m.startswith("ppl/"))
         written.append(_save(fig, out / f"{m.replace('/', '_')}_vs_ratio.png"))
-    chosen = next((r for r in done if ranks_of is None or ranks_of in r.get("_path", "")), None)
+    chosen = (next((r for r in done if ranks_of in r.get("_path", "")), None) if ranks_of is not None
+              else min(done, key=lambda r: _first_ppl(r), default=None))
     if chosen is not None and chosen.get("ranks"):
         title = f"ranks per layer: {method(chosen)} at ratio {chosen['config'].get('ratio')}"
         written.append(_save(plots.ranks_per_layer(chosen["ranks"], title), out / "ranks_per_layer.png"))
     return written
+
+
+def _first_ppl(record: dict[str, Any]) -> float:
+    """The run's first perplexity (inf when it has none): picks the best run to plot."""
+    values = [v for k, v in sorted(record.get("metrics", {}).items()) if k.startswith("ppl/")]
+    return values[0] if values else float("inf")
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -152,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "or wandb:ENTITY/PROJECT")
     parser.add_argument("--out", type=Path, default=None,
                         help="write report.md, report.csv and the PNG plots here (default: print the table only)")
-    parser.add_argument("--ranks-of", default=None, help="plot the ranks per layer of the run whose path contains this")
+    parser.add_argument("--ranks-of", default=None, help="plot the ranks per layer of the run whose path contains this "
+                                                          "(default: the lowest perplexity)")
     args = parser.parse_args(argv)
     if args.source.startswith(WANDB_PREFIX):
         records, problems = collect_wandb(args.source.removeprefix(WANDB_PREFIX))
