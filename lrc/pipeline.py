@@ -189,6 +189,9 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
                           [[t.name, t.block, t.kind, t.shape[0], t.shape[1], plan[t.name], errors.get(t.name)]
                            for t in targets])
         tracker.log_figure("ranks_per_layer", ranks_per_layer(plan, f"ranks per layer at ratio {ratio:g}"))
+        for bench in benchmarks:
+            for key, (columns, rows) in getattr(bench, "tables", dict)().items():
+                tracker.log_table(key, columns, rows)
         if trials:
             columns = list(dict.fromkeys(k for row in trials for k in row))
             tracker.log_table("trials", columns, [[row.get(c) for c in columns] for row in trials])

@@ -9,6 +9,7 @@ The model is wrapped as ``HFLM(pretrained=model, tokenizer=tokenizer)`` and eval
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from functools import cache
@@ -43,7 +44,9 @@ class ZeroShotBenchmark:
     limit: int | None = None  # examples per task (None: all)
     num_fewshot: int = 0
     include_path: tuple[str, ...] = field(default=())  # extra folders of lm-eval task YAMLs
+    samples: bool = False  # keep every scored example (logged to W&B as one table per task)
     name: str = "zeroshot"
+    _tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -72,7 +75,7 @@ class ZeroShotBenchmark:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "tasks": list(self.tasks), "limit": self.limit, "num_fewshot": self.num_fewshot,
-                "include_path": list(self.include_path), "protocol": 1}
+                "include_path": list(self.include_path), "protocol": 1}  # samples: no effect on metrics
 
     def run(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
         import lm_eval
@@ -82,8 +85,26 @@ class ZeroShotBenchmark:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
         out = lm_eval.simple_evaluate(model=lm, tasks=list(self.tasks), num_fewshot=self.num_fewshot,
                                       limit=self.limit, task_manager=self.registry(),
-                                      log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+                                      log_samples=self.samples, bootstrap_iters=0, verbosity="ERROR")
+        self._tables.clear()
+        for task, samples in (out.get("samples") or {}).items():
+            self._tables[f"lm_eval_samples/{task}"] = sample_table(samples)
         return flatten(out["results"], set(out.get("groups", {})))
+
+    def tables(self) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        """``{key: (columns, rows)}`` of the last run's examples when ``samples`` is on."""
+        return dict(self._tables)
+
+
+def sample_table(samples: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """One row per scored example: id, target, the log-likelihood of every choice, acc."""
+    columns = ["doc_id", "target", "loglikelihoods", "acc", "acc_norm", "prompt"]
+    rows = []
+    for s in samples:
+        lls = [float(r[0]) if isinstance(r, (list, tuple)) else r for r in s.get("filtered_resps", [])]
+        prompt = s["arguments"][0][0] if s.get("arguments") else ""
+        rows.append([s.get("doc_id"), s.get("target"), json.dumps(lls), s.get("acc"), s.get("acc_norm"), prompt])
+    return columns, rows
 
 
 def flatten(results: dict[str, dict[str, Any]], groups: set[str] = frozenset()) -> dict[str, float]:

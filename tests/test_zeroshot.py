@@ -27,6 +27,17 @@ def test_tiny_model_on_local_tasks_from_another_directory(tiny, tmp_path, monkey
     assert tasks <= set(metrics)
     assert all(0.0 <= metrics[k] <= 1.0 for k in tasks)
     assert metrics["lm_eval/mean_acc"] == pytest.approx(sum(metrics[k] for k in tasks) / len(tasks))
+    assert bench.tables() == {}  # examples are kept only when asked for
+
+
+def test_samples_are_kept_as_tables_when_asked(tiny):
+    bench = ZeroShotBenchmark(tasks=("lrc_strategyqa",), limit=3, samples=True)
+    metrics = bench.run(tiny.model, tiny.tokenizer)
+    columns, rows = bench.tables()["lm_eval_samples/lrc_strategyqa"]
+    assert len(rows) == 3 and columns[:2] == ["doc_id", "target"]
+    accs = [row[columns.index("acc")] for row in rows]
+    assert sum(accs) / 3 == pytest.approx(metrics["lm_eval/lrc_strategyqa/acc"])
+    assert all(len(json.loads(row[columns.index("loglikelihoods")])) == 2 for row in rows)  # Yes / No
 
 
 def test_accuracy_follows_the_model_likelihoods(tiny, tmp_path):
