@@ -69,6 +69,23 @@ class StatisticsCache:
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
+    @contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """An exclusive file lock across processes and nodes sharing this cache folder."""
+        from filelock import FileLock, Timeout
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / f"{key}.lock"))
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            log.info("statistics: another job is computing them; waiting for %s", lock.lock_file)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
     def load(self, key: str) -> dict[str, InputStatistics] | None:
         path = self.path(key)
         if not path.is_file():
@@ -109,11 +126,16 @@ class StatisticsCache:
         parts = {kind: self.load(key) for kind, key in keys.items()}
         missing = frozenset(kind for kind, part in parts.items() if part is None)
         if missing:
-            fresh = compute(missing)
-            for kind in missing:
-                parts[kind] = _only(fresh, kind_field(kind))
-                self.save(keys[kind], parts[kind])
-                log.info("statistics: computed %s, cached at %s", kind, self.path(keys[kind]))
+            # One job computes, concurrent jobs (a SLURM sweep) wait on the lock and then load it.
+            with self.lock(cache_key(base)):
+                parts.update({kind: self.load(keys[kind]) for kind in missing})
+                missing = frozenset(kind for kind, part in parts.items() if part is None)
+                if missing:
+                    fresh = compute(missing)
+                    for kind in missing:
+                        parts[kind] = _only(fresh, kind_field(kind))
+                        self.save(keys[kind], parts[kind])
+                        log.info("statistics: computed %s, cached at %s", kind, self.path(keys[kind]))
         cached = frozenset(kinds) - missing
         if cached:
             log.info("statistics: reused cached %s", ", ".join(sorted(cached)))

@@ -80,9 +80,11 @@ def method(record: dict[str, Any]) -> str:
     return f"{cfg.get('allocator', {}).get('name', '?')} x {cfg.get('factorizer', {}).get('name', '?')}"
 
 
-def rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """The comparison table as raw values (None where a value is missing)."""
-    metrics = sorted({m for r in records for m in r.get("metrics", {})}, key=lambda m: (not m.startswith("ppl"), m))
+def rows(records: list[dict[str, Any]], only: list[str] | None = None) -> tuple[list[str], list[list[Any]]]:
+    """The comparison table as raw values (None where a value is missing); ``only`` keeps the
+    metrics whose name contains one of these strings."""
+    metrics = sorted({m for r in records for m in r.get("metrics", {}) if not only or any(o in m for o in only)},
+                     key=lambda m: (not m.startswith("ppl"), m))
     header = ["allocator", "factorizer", "ratio", "removed", "status"]
     for m in metrics:
         header += [m, f"dense {m}", "x dense"]
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="write report.md, report.csv and the PNG plots here (default: print the table only)")
     parser.add_argument("--ranks-of", default=None, help="plot the ranks per layer of the run whose path contains this "
                                                           "(default: the lowest perplexity)")
+    parser.add_argument("--metrics", default=None,
+                        help="comma-separated parts of metric names to keep in the table, e.g. ppl/,mean_acc")
     args = parser.parse_args(argv)
     if args.source.startswith(WANDB_PREFIX):
         records, problems = collect_wandb(args.source.removeprefix(WANDB_PREFIX))
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:
         if r["status"] != "done":
             print(f"failed run {r.get('_path')}: {r.get('error', r['status'])}", file=sys.stderr)
-    header, table = rows(records)
+    header, table = rows(records, args.metrics.split(",") if args.metrics else None)
     text = markdown(header, table)
     print(text)
     if args.out is not None:

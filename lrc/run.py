@@ -26,7 +26,7 @@ from lrc.calibration import Calibration
 from lrc.errors import ConfigError, LrcError
 from lrc.evaluation import PerplexityBenchmark
 from lrc.paths import cache_root
-from lrc.records import versions, write_record, write_trials
+from lrc.records import RESULT_FILE, read_record, versions, write_record, write_trials
 from lrc.zeroshot import ZeroShotBenchmark
 
 log = logging.getLogger("lrc")
@@ -135,9 +135,33 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     return record
 
 
+def finished_record(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
+    """The record already in ``output_dir`` when it is done and was made by this same config."""
+    path = output_dir / RESULT_FILE
+    if cfg.get("force") or not path.is_file():
+        return None
+    try:
+        record = read_record(path)
+    except (OSError, ValueError):
+        return None
+    if record.get("status") != "done":
+        return None
+    current = OmegaConf.to_container(cfg, resolve=True)
+    same = {k: v for k, v in record.get("config", {}).items() if k != "force"} == {
+        k: v for k, v in current.items() if k != "force"}
+    if not same:
+        log.info("%s holds a result for another config; recomputing", path)
+        return None
+    return record
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    done = finished_record(cfg, output_dir)
+    if done is not None:  # a re-run sweep skips what it already finished (force=true recomputes)
+        log.info("already done, skipped (force=true recomputes): %s", output_dir / RESULT_FILE)
+        return next(iter(done["metrics"].values()), None)
     try:
         record = run(cfg, output_dir)
     except LrcError as exc:

@@ -54,6 +54,8 @@ def test_table_rows_and_values(sweep):
 
 def test_main_writes_markdown_csv_and_plots(sweep, tmp_path, capsys):
     out = tmp_path / "report"
+    assert main([str(sweep), "--metrics", "mean_acc"]) == 0
+    assert "ppl/x" not in capsys.readouterr().out.splitlines()[0]
     assert main([str(sweep), "--out", str(out), "--ranks-of", "2_allocator=mgaa"]) == 0
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "10_bad" in captured.err

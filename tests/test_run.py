@@ -64,6 +64,8 @@ def test_svd_needs_no_statistics(tmp_path):
     (["calibration=textfile", "calibration.path=SHORT", "calibration.seqlen=512"],
      "shorter than one window of seqlen=512"),
     (["+factorizer.bogus=1"], "bogus"),
+    (["benchmark=offline", "benchmark.zeroshot.tasks=[lrc_offline,no_such_task]"],
+     "unknown lm-eval task(s) ['no_such_task']"),
 ])
 def test_bad_input_is_one_clear_line(args, message, tmp_path):
     short = tmp_path / "short.txt"
@@ -145,3 +147,23 @@ def test_every_allocator_runs_end_to_end(allocator, tmp_path):
 
 
 SHAPES = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)] * 2
+
+
+def test_rerunning_a_sweep_skips_finished_runs(tmp_path):
+    def sweep(*extra):
+        proc = subprocess.run([sys.executable, "-m", "lrc.run", "-m", *TINY, "ratio=0.2,0.4", *extra,
+                               f"hydra.sweep.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
+    sweep()
+    paths = sorted(tmp_path.glob("*/result.json"))
+    assert len(paths) == 2
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    paths[1].write_text(json.dumps({"status": "failed", "error": "killed", "config": {}}))
+    out = sweep()
+    assert out.count("already done, skipped") == 1  # the finished run is kept, the failed one recomputed
+    assert paths[0].stat().st_mtime_ns == stamps[0]
+    assert read_record(paths[1])["status"] == "done"
+    out = sweep("force=true")
+    assert "already done" not in out and paths[0].stat().st_mtime_ns != stamps[0]

@@ -1,0 +1,39 @@
+"""Concurrent jobs on one cache folder compute each statistic once."""
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import torch
+
+from lrc.cache import StatisticsCache
+from lrc.factorizers.base import InputStatistics
+
+
+def _job(root: str, marker: str, barrier, out) -> None:
+    def compute(missing):
+        with open(marker, "a") as fh:  # one line per computation
+            fh.write("computed\n")
+        time.sleep(1.5)  # long enough for the other job to arrive while this one computes
+        return {"g": InputStatistics(tokens=7, gram=torch.arange(4.0, dtype=torch.float64).view(2, 2))}
+
+    barrier.wait()  # both jobs start at the same moment, on an empty cache
+    stats, cached = StatisticsCache(Path(root)).get_or_compute({"model": "m"}, frozenset({"gram"}), compute)
+    out.put((stats["g"].gram.tolist(), sorted(cached)))
+
+
+def test_two_jobs_at_once_compute_statistics_once(tmp_path):
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    marker = tmp_path / "computations.txt"
+    jobs = [ctx.Process(target=_job, args=(str(tmp_path / "cache"), str(marker), barrier, out)) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    results = [out.get(timeout=120) for _ in jobs]
+    for job in jobs:
+        job.join(timeout=60)
+        assert job.exitcode == 0
+    assert marker.read_text().count("computed") == 1
+    grams = [r[0] for r in results]
+    assert grams[0] == grams[1] == [[0.0, 1.0], [2.0, 3.0]]
+    assert sorted(r[1] for r in results) == [[], ["gram"]]  # one computed it, the other loaded it
