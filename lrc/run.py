@@ -9,7 +9,9 @@ multirun a failed job is recorded (status "failed") and the sweep goes on.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,15 @@ def build_calibration(cfg: DictConfig) -> Calibration:
     return Calibration(source=source, validation=validation, **opts)  # validates its options
 
 
+def environment() -> dict[str, str]:
+    """Where the run ran: host, device and the scheduler's job (SLURM) variables."""
+    import os
+    import socket
+
+    keys = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_PARTITION")
+    return {"host": socket.gethostname(), **{k: os.environ[k] for k in keys if k in os.environ}}
+
+
 def sweep_group() -> str | None:
     """The sweep's output folder (e.g. ``multirun/2026-11-23/13-00-00``) in a multirun, else None."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -123,7 +134,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         timings["total_s"] = time.perf_counter() - start
         record = {"status": "done", "config": config, "ranks": outcome.ranks, "params": outcome.params,
                   "metrics": outcome.metrics, "dense_metrics": outcome.dense_metrics, "timings": timings,
-                  "versions": versions(), "diagnostics": outcome.diagnostics}
+                  "versions": versions(), "diagnostics": outcome.diagnostics, "environment": environment()}
         if outcome.trials:
             record["trials"] = outcome.trials
             log.info("trials: %s", write_trials(output_dir, outcome.trials))
@@ -155,9 +166,20 @@ def finished_record(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
     return record
 
 
+class Cancelled(LrcError):
+    """The job was told to stop (scancel, preemption, a time limit): SIGTERM."""
+
+
+def _cancelled(signum: int, frame: Any) -> None:
+    raise Cancelled(f"cancelled by {signal.Signals(signum).name} (scancel, preemption or a time limit)")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if threading.current_thread() is threading.main_thread():
+        # SLURM sends SIGTERM before killing a job: record it as failed (a re-run redoes it)
+        signal.signal(signal.SIGTERM, _cancelled)
     done = finished_record(cfg, output_dir)
     if done is not None:  # a re-run sweep skips what it already finished (force=true recomputes)
         log.info("already done, skipped (force=true recomputes): %s", output_dir / RESULT_FILE)

@@ -93,3 +93,30 @@ def test_experiment_and_notebook_folders_exist():
     root = Path(CONF).parent
     for folder in ("experiments", "notebooks", "benchmarks", "tests"):
         assert (root / folder).is_dir()
+
+
+def _hydra_cfg(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiments_are_named_resumable_sweeps(experiment):
+    cfg = _hydra_cfg([f"experiment={experiment}"])
+    params = cfg.hydra.sweeper.params
+    assert set(params.allocator.split(",")) == {"uniform", "mgaa", "bayes", "ressvd_plc"}
+    assert params.ratio.split(",") == ["0.2", "0.4", "0.6"]
+    assert cfg.hydra.sweep.dir == f"outputs/multirun/experiment/{experiment}"  # fixed: a re-run resumes
+    assert cfg.factorizer.name == "svdllm" and cfg.benchmark.zeroshot.tasks
+
+
+def test_launchers_select_the_submitit_plugin():
+    assert "BasicLauncher" in _hydra_cfg([]).hydra.launcher._target_
+    slurm = _hydra_cfg(["launcher=slurm", "hydra.launcher.partition=gpu"]).hydra.launcher
+    assert "SlurmLauncher" in slurm._target_ and slurm.partition == "gpu" and slurm.gpus_per_node == 1
+    local = _hydra_cfg(["launcher=slurm_local"]).hydra.launcher
+    assert local.partition == "debug" and local.gpus_per_node is None
+    assert _hydra_cfg(["experiment=llama2_7b_svdllm"]).hydra.launcher.timeout_min == 720

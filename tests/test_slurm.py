@@ -1,0 +1,110 @@
+"""Sweeps on a real single-node SLURM cluster (scripts/local_slurm.py) through submitit.
+
+Needs root and Debian's slurm packages; the fixture installs them with apt when they are
+missing and skips with the reason when it cannot (no root, no apt-get).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from lrc.records import read_record
+
+pytestmark = pytest.mark.slurm
+
+SCRIPT = REPO / "scripts" / "local_slurm.py"
+CONF = Path(os.environ.get("LRC_SLURM_DIR", "/tmp/lrc-slurm")) / "etc" / "slurm.conf"
+TINY = ["model=tiny-random", "device=cpu", "logger=none", "launcher=slurm_local", "calibration.nsamples=4",
+        "calibration.seqlen=64", "benchmark.perplexity.embedded.seqlen=64",
+        "benchmark.perplexity.embedded.max_windows=20"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root")
+    if not shutil.which("slurmctld") or not shutil.which("mariadbd"):
+        if not shutil.which("apt-get"):
+            pytest.skip("slurm is not installed and there is no apt-get to install it")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=600)
+        subprocess.run([sys.executable, str(SCRIPT), "install"], check=True, timeout=900, capture_output=True)
+    subprocess.run([sys.executable, str(SCRIPT), "start"], check=True, timeout=300)
+    yield {**os.environ, "SLURM_CONF": str(CONF)}
+    subprocess.run([sys.executable, str(SCRIPT), "stop"], timeout=120)
+
+
+def sweep(env, sweep_dir, *args, background=False):
+    cmd = [sys.executable, "-m", "lrc.run", "-m", *TINY, *args, f"hydra.sweep.dir={sweep_dir}"]
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def job_logs(sweep_dir: Path) -> str:
+    return "".join(p.read_text() for p in sweep_dir.glob("*/run.log"))
+
+
+def test_sweep_runs_one_slurm_job_per_run_and_computes_statistics_once(cluster, tmp_path):
+    env = {**cluster, "LRC_CACHE_DIR": str(tmp_path / "cache")}
+    proc = sweep(env, tmp_path / "sweep", "allocator=uniform,mgaa", "ratio=0.2,0.4")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = [read_record(p) for p in sorted((tmp_path / "sweep").glob("*/result.json"))]
+    assert len(records) == 4 and all(r["status"] == "done" for r in records)
+    job_ids = {r["environment"]["SLURM_JOB_ID"] for r in records}
+    assert len(job_ids) == 4  # one SLURM job each
+    logs = job_logs(tmp_path / "sweep")
+    assert logs.count("statistics: computed gram") == 1  # shared by the whole sweep
+    assert logs.count("statistics: computed cosine") == 1
+    deadline = time.monotonic() + 60
+    while True:  # slurmdbd records a job's end a moment after it leaves the queue
+        accounting = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)],
+                                    env=env, capture_output=True, text=True).stdout
+        if accounting.count("COMPLETED") == 4 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert accounting.count("COMPLETED") == 4, accounting
+
+
+def test_gpu_job_sees_its_gpu(cluster, tmp_path):
+    env = {**cluster, "LRC_CACHE_DIR": str(tmp_path / "cache")}
+    proc = sweep(env, tmp_path / "sweep", "hydra.launcher.gpus_per_node=1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = read_record(next((tmp_path / "sweep").glob("*/result.json")))
+    assert record["status"] == "done"
+    assert record["environment"]["CUDA_VISIBLE_DEVICES"] == "0"  # a fake GPU: the run itself is on CPU
+
+
+def test_cancelled_job_is_recorded_and_rerun_alone(cluster, tmp_path):
+    env = {**cluster, "LRC_CACHE_DIR": str(tmp_path / "cache")}
+    slow = ["allocator=uniform,bayes", "trials=60"]  # the GP search keeps the bayes job busy for a while
+    proc = sweep(env, tmp_path / "sweep", *slow, background=True)
+    deadline = time.monotonic() + 240
+    bayes_job = None
+    while bayes_job is None and time.monotonic() < deadline:  # the bayes job, once it is searching
+        for log in (tmp_path / "sweep").glob("*allocator=bayes*/run.log"):
+            if "bayes trial 5/" in log.read_text():
+                out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], env=env, capture_output=True, text=True)
+                running = [line.split()[0] for line in out.stdout.splitlines() if "RUNNING" in line]
+                bayes_job = next((j for j in running if j.endswith("_1")), None)
+        time.sleep(0.5)
+    assert bayes_job, "the bayes job never started searching"
+    subprocess.run(["scancel", bayes_job], env=env, check=True)
+    out, _ = proc.communicate(timeout=300)
+    records = {p.parent.name: read_record(p) for p in (tmp_path / "sweep").glob("*/result.json")}
+    assert [r["status"] for name, r in records.items() if "uniform" in name] == ["done"]  # the other job finished
+    failed = [r for name, r in records.items() if "bayes" in name]
+    assert len(failed) == 1 and failed[0]["status"] == "failed" and "cancelled by SIGTERM" in failed[0]["error"]
+
+    again = sweep(env, tmp_path / "sweep", *slow)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    logs = job_logs(tmp_path / "sweep")
+    assert logs.count("already done, skipped") == 1  # only the cancelled run was computed again
+    statuses = [json.loads(p.read_text())["status"] for p in (tmp_path / "sweep").glob("*/result.json")]
+    assert statuses == ["done", "done"]
