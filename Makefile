@@ -37,7 +37,7 @@ test-all: install
 	$(PY) -m pytest -q $(ARGS)
 
 lint: install
-	$(PY) -m ruff check lrc tests
+	$(PY) -m ruff check lrc tests scripts
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -96,6 +97,8 @@ class StatisticsCache:
             tensors = load_file(str(path))
             if meta.get("key") != key:
                 raise ValueError(f"key mismatch ({meta.get('key')})")
+            if meta.get("sha256") != _digest(tensors):
+                raise ValueError("content hash mismatch")
             tokens = json.loads(meta["tokens"])
         except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             log.warning("ignoring unreadable statistics cache %s: %s", path, exc)
@@ -109,7 +112,8 @@ class StatisticsCache:
     def save(self, key: str, stats: dict[str, InputStatistics]) -> Path:
         tensors = {f"{entry}/{f}": getattr(s, f).contiguous() for entry, s in stats.items()
                    for f in InputStatistics.TENSOR_FIELDS if getattr(s, f) is not None}
-        meta = {"key": key, "tokens": json.dumps({entry: s.tokens for entry, s in stats.items()})}
+        meta = {"key": key, "tokens": json.dumps({entry: s.tokens for entry, s in stats.items()}),
+                "sha256": _digest(tensors)}
         path = self.path(key)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -140,6 +144,15 @@ class StatisticsCache:
         if cached:
             log.info("statistics: reused cached %s", ", ".join(sorted(cached)))
         return _merge(parts.values()), cached
+
+
+def _digest(tensors: dict[str, Any]) -> str:
+    """sha256 over every tensor's name and bytes (sorted): a file that does not match is not used."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy())  # no copy
+    return h.hexdigest()
 
 
 def kind_field(kind: str) -> str:

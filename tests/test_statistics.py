@@ -175,3 +175,14 @@ def test_sublayer_cosine_matches_hidden_states(tiny):
     assert cos[(0, "mlp")] == pytest.approx((_cos(x0, h1 - x0), _cos(x0, h1)), abs=1e-5)
     x1 = mlp_inputs[1]
     assert cos[(1, "attn")] == pytest.approx((_cos(h1, x1 - h1), _cos(h1, x1)), abs=1e-5)
+
+
+def test_cache_ignores_a_file_whose_content_changed(tmp_path):
+    cache = StatisticsCache(tmp_path)
+    stats = {"g": InputStatistics(tokens=3, gram=torch.eye(4, dtype=torch.float64))}
+    path = cache.save("k" * 32, stats)
+    assert cache.load("k" * 32)["g"].gram.equal(torch.eye(4, dtype=torch.float64))
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF  # flip bits inside the tensor data: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    assert cache.load("k" * 32) is None  # the content hash no longer matches
