@@ -159,14 +159,18 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def sample_starts(length: int, nsamples: int, seqlen: int, seed: int) -> list[int]:
+    """Start positions of ``nsamples`` random windows of ``seqlen`` tokens in a stream of ``length``."""
+    _check_sizes(nsamples, seqlen)
+    if length < seqlen:
+        raise DataError(f"calibration text has {length} tokens, shorter than one window of seqlen={seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, length - seqlen + 1, (nsamples,), generator=gen).tolist()
+
+
 def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """``nsamples`` random windows of ``seqlen`` tokens from one stream (nsamples x seqlen)."""
-    _check_sizes(nsamples, seqlen)
-    if ids.numel() < seqlen:
-        raise DataError(f"calibration text has {ids.numel()} tokens, shorter than one window of seqlen={seqlen}")
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
-    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+    return torch.stack([ids[s:s + seqlen] for s in sample_starts(ids.numel(), nsamples, seqlen, seed)])
 
 
 def sample_document_windows(documents: list[str], tokenizer: Any, nsamples: int, seqlen: int, seed: int,
@@ -209,21 +213,17 @@ def calibration_windows(source: Any, tokenizer: Any, nsamples: int, seqlen: int,
     return sample_windows(tokenize(tokenizer, source.text()), nsamples, seqlen, seed)
 
 
-def held_out_windows(ids: torch.Tensor, taken: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` windows of ``ids`` that share no token position with any window in ``taken``.
+def held_out_windows(ids: torch.Tensor, taken: list[tuple[int, int]], nsamples: int, seqlen: int,
+                     seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``ids`` that share no token position with any ``(start, length)`` in ``taken``.
 
-    ``taken`` are the calibration windows drawn from the same stream (as token ids); the stream
-    is cut into consecutive ``seqlen`` tiles and tiles overlapping a calibration window are
-    excluded, so validation never sees a calibration token position.
+    The stream is cut into consecutive ``seqlen`` tiles; tiles overlapping a taken (calibration)
+    window are excluded, so validation never sees a calibration token position.
     """
     _check_sizes(nsamples, seqlen)
     used = torch.zeros(ids.numel(), dtype=torch.bool)
-    width = taken.shape[1]
-    windows = ids.unfold(0, width, 1) if ids.numel() >= width else ids.new_empty(0, width)
-    for window in taken:  # locate every calibration window in the stream (first match)
-        hits = (windows == window).all(1).nonzero()
-        if hits.numel():
-            used[int(hits[0]):int(hits[0]) + width] = True
+    for start, length in taken:
+        used[start:start + length] = True
     tiles = [i for i in range(0, ids.numel() - seqlen + 1, seqlen) if not used[i:i + seqlen].any()]
     if len(tiles) < nsamples:
         raise DataError(f"only {len(tiles)} validation windows of seqlen={seqlen} are disjoint from the "
@@ -269,7 +269,8 @@ class Calibration:
             raise ConfigError("validation windows need calibration.validation (a held-out text source) "
                               f"when sampling={self.sampling!r}")
         ids = tokenize(tokenizer, self.source.text())
-        return held_out_windows(ids, self.windows(tokenizer), nsamples, seqlen, self.seed)
+        taken = [(start, self.seqlen) for start in sample_starts(ids.numel(), self.nsamples, self.seqlen, self.seed)]
+        return held_out_windows(ids, taken, nsamples, seqlen, self.seed)
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source.describe(), "nsamples": self.nsamples, "seqlen": self.seqlen,

@@ -26,6 +26,7 @@ from lrc.evaluation import PerplexityBenchmark, run_benchmarks
 from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics
 from lrc.models import LoadedModel
 from lrc.plots import ranks_per_layer
+from lrc.records import trial_columns
 from lrc.scoring import PlanScorer
 from lrc.statistics import collect_statistics, decoder_forward, for_target, sublayer_cosine
 from lrc.swap import apply_plan
@@ -193,7 +194,7 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
             for key, (columns, rows) in getattr(bench, "tables", dict)().items():
                 tracker.log_table(key, columns, rows)
         if trials:
-            columns = list(dict.fromkeys(k for row in trials for k in row))
+            columns = trial_columns(trials)
             tracker.log_table("trials", columns, [[row.get(c) for c in columns] for row in trials])
     return Outcome(ranks=dict(plan), params=params, metrics=metrics, dense_metrics=dense,
                    timings=watch.timings, diagnostics=diagnostics, trials=trials)

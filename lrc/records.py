@@ -56,9 +56,14 @@ def write_record(output_dir: Path, record: dict[str, Any]) -> Path:
     return path
 
 
+def trial_columns(trials: list[dict[str, Any]]) -> list[str]:
+    """Every key any trial row has, in first-seen order (rows of different searches differ)."""
+    return list(dict.fromkeys(k for row in trials for k in row))
+
+
 def write_trials(output_dir: Path, trials: list[dict[str, Any]]) -> Path:
     """The scored plans of a search allocator as a CSV table (one row per trial), atomically."""
-    columns = list(dict.fromkeys(k for row in trials for k in row))
+    columns = trial_columns(trials)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()

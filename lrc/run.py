@@ -9,7 +9,9 @@ multirun a failed job is recorded (status "failed") and the sweep goes on.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -87,9 +89,6 @@ def build_calibration(cfg: DictConfig) -> Calibration:
 
 def environment() -> dict[str, str]:
     """Where the run ran: host, device and the scheduler's job (SLURM) variables."""
-    import os
-    import socket
-
     keys = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_PARTITION")
     return {"host": socket.gethostname(), **{k: os.environ[k] for k in keys if k in os.environ}}
 
@@ -100,6 +99,9 @@ def sweep_group() -> str | None:
         return None
     sweep = Path(HydraConfig.get().sweep.dir)
     return str(sweep.relative_to("outputs") if sweep.parts[:1] == ("outputs",) else sweep)
+
+
+OmegaConf.register_new_resolver("lrc_sweep_group", sweep_group, replace=True)  # conf/logger/wandb.yaml
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -120,10 +122,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     log.info("loaded %s (%s) on %s in %.1fs", cfg.model.get("name"), type(loaded.model).__name__,
              loaded.device, load_s)
 
-    extra = {}
-    if cfg.logger.get("_target_", "").endswith("WandbTracker") and cfg.logger.get("group") is None:
-        extra["group"] = sweep_group()  # runs of one sweep share a W&B group
-    tracker = build(cfg.logger, "logger", output_dir=output_dir, config=config, **extra)
+    tracker = build(cfg.logger, "logger", output_dir=output_dir, config=config)
     with tracker:
         outcome = compress_and_evaluate(loaded, factorizer, allocator, ratio, calibration, benchmarks,
                                         cache_dir=cache_root(cfg.cache_dir), tracker=tracker,
@@ -158,9 +157,7 @@ def finished_record(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
     if record.get("status") != "done":
         return None
     current = OmegaConf.to_container(cfg, resolve=True)
-    same = {k: v for k, v in record.get("config", {}).items() if k != "force"} == {
-        k: v for k, v in current.items() if k != "force"}
-    if not same:
+    if {**record.get("config", {}), "force": None} != {**current, "force": None}:
         log.info("%s holds a result for another config; recomputing", path)
         return None
     return record

@@ -9,7 +9,6 @@ Every call is recorded as one trial (and logged to the tracker as it happens).
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Mapping
@@ -24,10 +23,9 @@ from lrc.allocators.base import Score
 from lrc.budget import Budget
 from lrc.errors import NumericalError
 from lrc.factorizers.base import Decomposition
+from lrc.statistics import batches
 from lrc.swap import plan_applied
 from lrc.tracking import Tracker
-
-log = logging.getLogger(__name__)
 
 
 def _logprobs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -43,7 +41,7 @@ class PlanScorer:
         self.model, self.targets, self.decompositions = model, targets, decompositions
         self.budget, self.kl_weight, self.tracker = budget, float(kl_weight), tracker
         self.device = next(model.parameters()).device
-        self.batches = [windows[i:i + batch_size] for i in range(0, windows.shape[0], batch_size)]
+        self.batches = list(batches(windows, batch_size))
         with torch.inference_mode():  # the dense reference, kept on the CPU between trials
             self.dense = [_logprobs(model, b.to(self.device)).cpu() for b in self.batches]
         self.trials: list[dict[str, Any]] = []

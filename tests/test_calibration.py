@@ -131,10 +131,11 @@ def test_calibration_options_are_checked_on_construction(opts, match):
 
 def test_held_out_windows_never_overlap_calibration_windows():
     ids = torch.arange(10_000)  # every position is its own token, so overlap is visible
-    taken = sample_windows(ids, 40, 64, seed=0)
+    windows = sample_windows(ids, 40, 64, seed=0)
+    taken = [(int(w[0]), 64) for w in windows]  # token id = position
     held = held_out_windows(ids, taken, 20, 64, seed=0)
     assert held.shape == (20, 64)
-    used = set(taken.flatten().tolist())
+    used = set(windows.flatten().tolist())
     assert not used & set(held.flatten().tolist())
     assert torch.equal(held, held_out_windows(ids, taken, 20, 64, seed=0))
     with pytest.raises(DataError, match="disjoint from the calibration windows"):

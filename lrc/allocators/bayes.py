@@ -93,7 +93,7 @@ class Bayes(Allocator):
         if context is None or context.score is None:
             raise LrcError("bayes needs a validation scorer (the pipeline builds one from `validation`)")
         group = self.group_of(matrices)
-        dims = sorted(set(group.values()), key=list(group.values()).index)
+        dims = list(dict.fromkeys(group.values()))  # search-space dimensions, in model order
         weights = {d: 0 for d in dims}
         for m in matrices:
             weights[group[m.name]] += m.shape[0] * m.shape[1]
