@@ -119,13 +119,19 @@ class StatisticsCache:
             save_file(tensors, str(tmp), metadata=meta)
         return path
 
+    def has(self, base: dict[str, Any], kinds: frozenset[str]) -> bool:
+        """Whether a file exists for every kind (its contents are checked when loaded)."""
+        return all(self.path(cache_key({**base, "kind": kind})).is_file() for kind in kinds)
+
     def get_or_compute(self, base: dict[str, Any], kinds: frozenset[str],
-                       compute: Callable[[frozenset[str]], dict[str, InputStatistics]]
-                       ) -> tuple[dict[str, InputStatistics], frozenset[str]]:
+                       compute: Callable[[frozenset[str]], dict[str, InputStatistics]],
+                       quiet: bool = False) -> tuple[dict[str, InputStatistics], frozenset[str]]:
         """Statistics of every kind, loading cached kinds and computing the rest in one pass.
 
-        Returns (statistics, the kinds that came from the cache).
+        Returns (statistics, the kinds that came from the cache). ``quiet`` logs at debug
+        level (layer-wise mode calls this once per block).
         """
+        info = log.debug if quiet else log.info
         keys = {kind: cache_key({**base, "kind": kind}) for kind in sorted(kinds)}
         parts = {kind: self.load(key) for kind, key in keys.items()}
         missing = frozenset(kind for kind, part in parts.items() if part is None)
@@ -139,10 +145,10 @@ class StatisticsCache:
                     for kind in missing:
                         parts[kind] = _only(fresh, kind_field(kind))
                         self.save(keys[kind], parts[kind])
-                        log.info("statistics: computed %s, cached at %s", kind, self.path(keys[kind]))
+                        info("statistics: computed %s, cached at %s", kind, self.path(keys[kind]))
         cached = frozenset(kinds) - missing
         if cached:
-            log.info("statistics: reused cached %s", ", ".join(sorted(cached)))
+            info("statistics: reused cached %s", ", ".join(sorted(cached)))
         return _merge(parts.values()), cached
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from lrc.cache import JsonCache, StatisticsCache, cache_key
 from lrc.calibration import Calibration
 from lrc.errors import BudgetError
 from lrc.evaluation import PerplexityBenchmark, run_benchmarks
+from lrc.layerwise import (LayerwiseCompressor, LayerwiseOptions, block_statistics_key, check_layerwise,
+                           layerwise_forward)
 from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics
 from lrc.models import LoadedModel
 from lrc.plots import ranks_per_layer
@@ -86,6 +89,11 @@ def dense_metrics(loaded: LoadedModel, benchmarks: list[PerplexityBenchmark], ca
     return metrics, False
 
 
+def _statistics_key(loaded: LoadedModel, targets: list[TargetLinear], calibration: Calibration) -> dict[str, Any]:
+    return {"model": loaded.identity, "calibration": calibration.describe(), "mode": STATS_MODE,
+            "targets": sorted({(t.group, t.shape[1]) for t in targets})}
+
+
 def calibration_statistics(loaded: LoadedModel, targets: list[TargetLinear], calibration: Calibration,
                            windows: torch.Tensor, kinds: frozenset[str], cache: StatisticsCache
                            ) -> tuple[dict[str, InputStatistics], frozenset[str]]:
@@ -93,75 +101,50 @@ def calibration_statistics(loaded: LoadedModel, targets: list[TargetLinear], cal
 
     Returns (statistics, the kinds that came from the cache).
     """
-    base = {"model": loaded.identity, "calibration": calibration.describe(), "mode": STATS_MODE,
-            "targets": sorted({(t.group, t.shape[1]) for t in targets})}
     return cache.get_or_compute(
-        base, kinds, lambda missing: collect_statistics(loaded.model, targets, windows, missing,
+        _statistics_key(loaded, targets, calibration), kinds, lambda missing: collect_statistics(loaded.model, targets, windows, missing,
                                                         calibration.batch_size))
 
 
 def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator: Allocator, ratio: float,
                           calibration: Calibration, benchmarks: list[PerplexityBenchmark], cache_dir: Path,
-                          tracker: Tracker | None = None, measure_forward: bool = True) -> Outcome:
-    """Compress ``loaded.model`` in place to remove ``ratio`` of its target parameters; evaluate it."""
+                          tracker: Tracker | None = None, measure_forward: bool = True,
+                          layerwise: LayerwiseOptions | None = None, device: torch.device | None = None
+                          ) -> Outcome:
+    """Compress ``loaded.model`` in place to remove ``ratio`` of its target parameters; evaluate it.
+
+    With ``layerwise.enabled`` the model stays on the host and one decoder block at a time
+    goes to ``device`` (default: where the model is) for statistics and factorization.
+    """
     model, tokenizer = loaded.model, loaded.tokenizer
-    watch, diagnostics = Stopwatch(), {}
+    layerwise = layerwise or LayerwiseOptions()
+    device = device or loaded.device
+    watch, diagnostics = Stopwatch(), {"mode": "layerwise" if layerwise.enabled else STATS_MODE}
     targets = find_targets(model)
-    by_name = {t.name: t for t in targets}
     budget = Budget({t.name: t.shape for t in targets}, ratio)
     matrices = [MatrixInfo(t.name, t.shape, t.block, t.sublayer, t.kind) for t in targets]
     allocator.check(matrices, budget)  # before any heavy work
+    kinds = frozenset(factorizer.needs | allocator.needs)
+    if layerwise.enabled:
+        check_layerwise(kinds)
     model_before, bytes_before = model_size(model)
 
-    kinds = frozenset(factorizer.needs | allocator.needs)
-    stats: dict[str, InputStatistics] = {}
     with watch("calibration_s"):
         windows = calibration.windows(tokenizer)  # validates the data before any heavy work
         validation = allocator.validation
         held_out = (calibration.validation_windows(tokenizer, validation.nsamples, validation.seqlen)
                     if validation is not None else None)
-        if kinds:
-            stats, cached = calibration_statistics(loaded, targets, calibration, windows, kinds,
-                                                   StatisticsCache(cache_dir))
-            diagnostics["statistics_cached"] = sorted(cached)
-            diagnostics["statistics_computed"] = sorted(kinds - cached)
-    if kinds and measure_forward and diagnostics["statistics_computed"]:
-        watch.timings["calibration_forward_s"] = decoder_forward(model, windows, calibration.batch_size)
-        log.info("statistics took %.1fs, a plain forward over the same %d tokens %.1fs (ratio %.2f)",
-                 watch.timings["calibration_s"], windows.numel(), watch.timings["calibration_forward_s"],
-                 watch.timings["calibration_s"] / watch.timings["calibration_forward_s"])
-
-    with watch("dense_benchmark_s"):
+    with watch("dense_benchmark_s"), on_device(model, device, layerwise.enabled):
         dense, diagnostics["dense_metrics_cached"] = dense_metrics(loaded, benchmarks, JsonCache(cache_dir, "dense"))
     log.info("dense model: %s", _fmt(dense))
 
-    def decompose(name: str) -> Decomposition:
-        weight = model.get_submodule(name).weight
-        return factorizer.decompose(weight, for_target(stats, by_name[name]))
-
-    decompositions: dict[str, Decomposition] = {}
-    spectra: dict[str, torch.Tensor] = {}
-    if allocator.spectrum_source == "factorizer" or validation is not None:  # every matrix, once
-        with watch("factorization_s"):
-            spectra = decompose_all(targets, decompose, decompositions, keep_all=validation is not None)
-    with watch("allocation_s"):
-        if allocator.spectrum_source == "weight":
-            spectra = {t.name: torch.linalg.svdvals(model.get_submodule(t.name).weight.detach().double())
-                       for t in targets}
-        if allocator.spectrum_source is not None:
-            matrices = [replace(m, spectrum=spectra[m.name]) for m in matrices]
-        scorer = (PlanScorer(model, targets, decompositions, held_out, budget, validation.batch_size,
-                             validation.kl_weight, tracker) if validation is not None else None)
-        context = AllocationContext(sublayer_cosine=sublayer_cosine(stats), score=scorer)
-        plan = allocator.allocate(matrices, budget, context)
-        check_plan(plan, budget)
-    if allocator.report:
-        diagnostics["allocation"] = allocator.report
-        log.info("allocation: %s", _brief(allocator.report))
-
-    with watch("factorization_s"):
-        errors, damping = apply_plan(model, targets, plan, decompose, decompositions)
-    decompositions.clear()
+    if kinds and measure_forward and not _statistics_cached(loaded, targets, calibration, kinds, cache_dir,
+                                                            layerwise):
+        _time_plain_forward(model, windows, calibration.batch_size, device, layerwise.enabled, watch)
+    compress = _compress_layerwise if layerwise.enabled else _compress_whole_model
+    done = compress(loaded, targets, factorizer, allocator, budget, matrices, calibration, windows, held_out,
+                    kinds, StatisticsCache(cache_dir), device, layerwise, watch, diagnostics, tracker)
+    plan, errors, damping = done.plan, done.errors, done.damping
     if damping:
         log.warning("whitening needed damping for %d matrices (max %.3g x mean diag)", len(damping),
                     max(damping.values()))
@@ -179,10 +162,10 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
     log.info("removed %.4f of %d target parameters (budget %.4f)", params["removed_fraction"],
              budget.params_before, ratio)
 
-    with watch("benchmark_s"):
+    with watch("benchmark_s"), on_device(model, device, layerwise.enabled):
         metrics = run_benchmarks(model, tokenizer, benchmarks)
     log.info("compressed model: %s", _fmt(metrics))
-    trials = scorer.trials if scorer is not None else []
+    trials = done.scorer.trials if done.scorer is not None else []
     if tracker is not None:
         tracker.log_metrics({**metrics, **{f"dense/{k}": v for k, v in dense.items()},
                              "removed_fraction": params["removed_fraction"]})
@@ -198,6 +181,161 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
             tracker.log_table("trials", columns, [[row.get(c) for c in columns] for row in trials])
     return Outcome(ranks=dict(plan), params=params, metrics=metrics, dense_metrics=dense,
                    timings=watch.timings, diagnostics=diagnostics, trials=trials)
+
+
+@dataclass
+class Compression:
+    """What a compression stage did to the model."""
+
+    plan: dict[str, int]
+    errors: dict[str, float]
+    damping: dict[str, float]
+    scorer: PlanScorer | None = None
+
+
+@contextmanager
+def on_device(model: nn.Module, device: torch.device, layerwise: bool) -> Iterator[None]:
+    """In layer-wise mode the model lives on the host: put it on ``device`` for the duration
+    (benchmarks and plan scoring run the whole model)."""
+    if not layerwise:
+        yield
+        return
+    host = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(host)
+
+
+def _time_plain_forward(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
+                        layerwise: bool, watch: Stopwatch) -> None:
+    """Time a plain forward over the calibration set (layer-wise when the run is), the floor the
+    statistics stage is measured against."""
+    start = time.perf_counter()
+    if layerwise:
+        layerwise_forward(model, windows, batch_size, device)
+    else:
+        decoder_forward(model, windows, batch_size)
+    forward = watch.timings["calibration_forward_s"] = time.perf_counter() - start
+    log.info("a plain %s forward over the %d calibration tokens took %.1fs", "layer-wise" if layerwise else "",
+             windows.numel(), forward)
+
+
+def _statistics_cached(loaded: LoadedModel, targets: list[TargetLinear], calibration: Calibration,
+                       kinds: frozenset[str], cache_dir: Path, layerwise: LayerwiseOptions) -> bool:
+    cache = StatisticsCache(cache_dir)
+    if not layerwise.enabled:
+        return cache.has(_statistics_key(loaded, targets, calibration), kinds)
+    base = {"model": loaded.identity, "calibration": calibration.describe()}
+    blocks = sorted({t.block for t in targets})
+    return all(cache.has(block_statistics_key(base, i, [t for t in targets if t.block == i]), kinds)
+               for i in blocks)
+
+
+def _allocate(allocator: Allocator, matrices: list[MatrixInfo], budget: Budget, spectra: dict[str, torch.Tensor],
+              cosine: dict[str, InputStatistics], scorer: PlanScorer | None,
+              diagnostics: dict[str, Any]) -> dict[str, int]:
+    if allocator.spectrum_source is not None:
+        matrices = [replace(m, spectrum=spectra[m.name]) for m in matrices]
+    plan = allocator.allocate(matrices, budget, AllocationContext(sublayer_cosine=sublayer_cosine(cosine),
+                                                                  score=scorer))
+    check_plan(plan, budget)
+    if allocator.report:
+        diagnostics["allocation"] = allocator.report
+        log.info("allocation: %s", _brief(allocator.report))
+    return dict(plan)
+
+
+def _compress_whole_model(loaded: LoadedModel, targets: list[TargetLinear], factorizer: Factorizer,
+                          allocator: Allocator, budget: Budget, matrices: list[MatrixInfo],
+                          calibration: Calibration, windows: torch.Tensor, held_out: torch.Tensor | None,
+                          kinds: frozenset[str], cache: StatisticsCache, device: torch.device,
+                          layerwise: LayerwiseOptions, watch: Stopwatch, diagnostics: dict[str, Any],
+                          tracker: Tracker | None) -> Compression:
+    """Statistics of every block in one forward pass, every matrix decomposed, allocate, factorize."""
+    model = loaded.model
+    by_name = {t.name: t for t in targets}
+    stats: dict[str, InputStatistics] = {}
+    if kinds:
+        with watch("calibration_s"):
+            stats, cached = calibration_statistics(loaded, targets, calibration, windows, kinds, cache)
+        diagnostics["statistics_cached"] = sorted(cached)
+        diagnostics["statistics_computed"] = sorted(kinds - cached)
+
+    def decompose(name: str) -> Decomposition:
+        weight = model.get_submodule(name).weight
+        return factorizer.decompose(weight, for_target(stats, by_name[name]))
+
+    validation = allocator.validation
+    decompositions: dict[str, Decomposition] = {}
+    spectra: dict[str, torch.Tensor] = {}
+    if allocator.spectrum_source == "factorizer" or validation is not None:  # every matrix, once
+        with watch("factorization_s"):
+            spectra = decompose_all(targets, decompose, decompositions, keep_all=validation is not None)
+    with watch("allocation_s"):
+        if allocator.spectrum_source == "weight":
+            spectra = {t.name: torch.linalg.svdvals(model.get_submodule(t.name).weight.detach().double())
+                       for t in targets}
+        scorer = (PlanScorer(model, targets, decompositions, held_out, budget, validation.batch_size,
+                             validation.kl_weight, tracker) if validation is not None else None)
+        plan = _allocate(allocator, matrices, budget, spectra, stats, scorer, diagnostics)
+    with watch("factorization_s"):
+        errors, damping = apply_plan(model, targets, plan, decompose, decompositions)
+    decompositions.clear()
+    return Compression(plan, errors, damping, scorer)
+
+
+def _compress_layerwise(loaded: LoadedModel, targets: list[TargetLinear], factorizer: Factorizer,
+                        allocator: Allocator, budget: Budget, matrices: list[MatrixInfo],
+                        calibration: Calibration, windows: torch.Tensor, held_out: torch.Tensor | None,
+                        kinds: frozenset[str], cache: StatisticsCache, device: torch.device,
+                        layerwise: LayerwiseOptions, watch: Stopwatch, diagnostics: dict[str, Any],
+                        tracker: Tracker | None) -> Compression:
+    """One block at a time on ``device``. An allocator that needs no calibration data gets its
+    plan first and every block is factorized in one streaming pass; otherwise a first pass
+    gathers spectra and sublayer statistics, the plan is made, and a second pass factorizes."""
+    model = loaded.model
+    base = {"model": loaded.identity, "calibration": calibration.describe()}
+    compressor = LayerwiseCompressor(model, targets, windows, calibration.batch_size, kinds, device, cache, base,
+                                     factorizer.decompose, factorizer.describe(), layerwise, watch)
+    validation = allocator.validation
+    decompositions: dict[str, Decomposition] = {}
+    scorer = None
+    plan_needs_data = (allocator.spectrum_source is not None or validation is not None
+                       or bool(allocator.needs))
+    if plan_needs_data:
+        held = 0
+
+        def keep(name: str, dec: Decomposition) -> bool:
+            nonlocal held
+            if validation is None and (layerwise.compressed_inputs or held + dec.nbytes > KEEP_DECOMPOSITIONS_BYTES):
+                return False
+            held += dec.nbytes
+            return True
+
+        spectra_from = ("factorizer" if allocator.spectrum_source == "factorizer" or validation is not None
+                        else allocator.spectrum_source)
+        compressor.run(None, keep=keep, decompositions=decompositions, spectra=spectra_from)
+    with watch("allocation_s"):
+        if validation is not None:
+            with on_device(model, device, True):
+                scorer = PlanScorer(model, targets, decompositions, held_out, budget, validation.batch_size,
+                                    validation.kl_weight, tracker)
+                plan = _allocate(allocator, matrices, budget, compressor.result.spectra, compressor.result.cosine,
+                                 scorer, diagnostics)
+        else:
+            plan = _allocate(allocator, matrices, budget, compressor.result.spectra, compressor.result.cosine,
+                             None, diagnostics)
+    if layerwise.compressed_inputs:
+        decompositions.clear()  # the statistics of the compressed model differ
+    compressor.run(plan, decompositions=decompositions)
+    decompositions.clear()
+    result = compressor.result
+    diagnostics["statistics_cached"] = sorted(result.statistics_cached - result.statistics_computed)
+    diagnostics["statistics_computed"] = sorted(result.statistics_computed)
+    diagnostics["calibration_passes"] = result.forward_passes
+    return Compression(plan, result.errors, result.damping, scorer)
 
 
 def decompose_all(targets: list[TargetLinear], decompose: Callable[[str], Decomposition],

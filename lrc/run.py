@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ from lrc.budget import check_ratio
 from lrc.calibration import Calibration
 from lrc.errors import ConfigError, LrcError
 from lrc.evaluation import PerplexityBenchmark
+from lrc.layerwise import LayerwiseOptions
+from lrc.models import resolve_device
 from lrc.paths import cache_root
 from lrc.records import RESULT_FILE, read_record, versions, write_record, write_trials
 from lrc.zeroshot import ZeroShotBenchmark
@@ -79,6 +82,18 @@ def build_benchmarks(cfg: DictConfig) -> list[PerplexityBenchmark | ZeroShotBenc
     return benches
 
 
+def layerwise_options(cfg: DictConfig) -> LayerwiseOptions:
+    spec = OmegaConf.to_container(cfg.get("layerwise") or {}, resolve=True)
+    known = {f.name for f in fields(LayerwiseOptions)}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ConfigError(f"layerwise: unknown option(s) {unknown}; known: {sorted(known)}")
+    for key, value in spec.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"layerwise.{key}={value!r} must be true or false")
+    return LayerwiseOptions(**spec)
+
+
 def build_calibration(cfg: DictConfig) -> Calibration:
     node = cfg.calibration
     source = build(node.source, "calibration.source")
@@ -116,8 +131,12 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     benchmarks = build_benchmarks(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
 
+    layerwise = layerwise_options(cfg)
+    device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    loaded = build(cfg.model.load, f"model={cfg.model.get('name')}")
+    # Layer-wise mode keeps the model on the host and moves one block at a time to the device.
+    load_on = {"device": "cpu"} if layerwise.enabled else {}
+    loaded = build(OmegaConf.merge(cfg.model.load, load_on), f"model={cfg.model.get('name')}")
     load_s = time.perf_counter() - t0
     log.info("loaded %s (%s) on %s in %.1fs", cfg.model.get("name"), type(loaded.model).__name__,
              loaded.device, load_s)
@@ -126,7 +145,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     with tracker:
         outcome = compress_and_evaluate(loaded, factorizer, allocator, ratio, calibration, benchmarks,
                                         cache_dir=cache_root(cfg.cache_dir), tracker=tracker,
-                                        measure_forward=cfg.measure_forward)
+                                        measure_forward=cfg.measure_forward, layerwise=layerwise,
+                                        device=device)
         timings = {"load_s": load_s, **outcome.timings}
         for key in ("calibration_s", "allocation_s", "factorization_s", "benchmark_s"):
             timings.setdefault(key, 0.0)

@@ -164,17 +164,47 @@ def sublayer_cosine(stats: dict[str, InputStatistics]) -> dict[tuple[int, str], 
     return out
 
 
-def _cosine_hooks(model: nn.Module) -> tuple[dict[str, SublayerCosine], dict[str, object], dict[str, object]]:
+def _cosine_hooks(model: nn.Module, blocks: Iterable[int] | None = None
+                  ) -> tuple[dict[str, SublayerCosine], dict[str, object], dict[str, object]]:
     arch = architecture_for(model)
-    path, blocks = decoder_blocks(model, arch)
-    device = next(model.parameters()).device
+    path, layers = decoder_blocks(model, arch)
+    device = _device_of(model)
     accs, pre, post = {}, {}, {}
-    for i in range(len(blocks)):
+    for i in range(len(layers)) if blocks is None else blocks:
         for sub in arch.sublayers:
             acc = accs[sublayer_key(i, sub.name)] = SublayerCosine(device)
             pre[f"{path}.{i}.{sub.start}"] = acc.enter
             post[f"{path}.{i}.{sub.end}"] = acc.exit
     return accs, pre, post
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class StatisticsHooks:
+    """The accumulators and hooks for the forward-pass kinds (input kinds, ``cosine``) of
+    ``targets``; ``blocks`` limits the cosine hooks to those decoder blocks (layer-wise mode).
+
+    Use :func:`hooks_on` with ``pre`` and ``post`` around forward passes, then ``finish()``.
+    """
+
+    def __init__(self, model: nn.Module, targets: Sequence[TargetLinear], kinds: frozenset[str],
+                 total_tokens: int, device: torch.device, blocks: Iterable[int] | None = None) -> None:
+        input_kinds = frozenset(k for k in kinds if parse_kind(k)[0] not in (FISHER, COSINE))
+        groups = {t.group: t.shape[1] for t in targets}
+        self.inputs = ({g: InputAccumulator(n, device, input_kinds, total_tokens) for g, n in groups.items()}
+                       if input_kinds else {})
+        cosines, enter, self.post = (_cosine_hooks(model, blocks) if COSINE in kinds
+                                     else ({}, {}, {}))
+        self.cosines = cosines
+        self.pre: dict[str, object] = dict(self.inputs)
+        for name, hook in enter.items():  # a sublayer start may also be a target's input module
+            self.pre[name] = _chain(self.pre[name], hook) if name in self.pre else hook
+
+    def finish(self) -> dict[str, InputStatistics]:
+        return {**{g: acc.finish() for g, acc in self.inputs.items()},
+                **{key: acc.finish() for key, acc in self.cosines.items()}}
 
 
 @contextmanager
@@ -208,7 +238,7 @@ def _progress(windows: torch.Tensor, batch_size: int, desc: str):
 def decoder_forward(model: nn.Module, windows: torch.Tensor, batch_size: int, desc: str = "forward") -> float:
     """Run the decoder (no LM head) over ``windows``; return the seconds it took."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    device = next(model.parameters()).device
+    device = _device_of(model)
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in _progress(windows, batch_size, desc):
@@ -259,20 +289,11 @@ def collect_statistics(model: nn.Module, targets: Sequence[TargetLinear], window
     kinds = frozenset(kinds)
     parsed = {parse_kind(k)[0] for k in kinds}
     stats: dict[str, InputStatistics] = {}
-    input_kinds = frozenset(k for k in kinds if parse_kind(k)[0] not in (FISHER, COSINE))
-    if input_kinds or COSINE in parsed:
-        device = next(model.parameters()).device
-        groups = {t.group: t.shape[1] for t in targets}
-        accumulators = ({g: InputAccumulator(n, device, input_kinds, windows.numel()) for g, n in groups.items()}
-                        if input_kinds else {})
-        cosines, enter, exit_ = _cosine_hooks(model) if COSINE in parsed else ({}, {}, {})
-        pre = dict(accumulators)
-        for name, hook in enter.items():  # a sublayer start may also be a target's input module
-            pre[name] = _chain(pre[name], hook) if name in pre else hook
-        with hooks_on(model, pre, exit_):
+    if parsed - {FISHER}:
+        hooks = StatisticsHooks(model, targets, kinds, windows.numel(), _device_of(model))
+        with hooks_on(model, hooks.pre, hooks.post):
             decoder_forward(model, windows, batch_size, desc="calibration")
-        stats.update({g: acc.finish() for g, acc in accumulators.items()})
-        stats.update({key: acc.finish() for key, acc in cosines.items()})
+        stats.update(hooks.finish())
     if FISHER in parsed:
         for name, rows in collect_fisher(model, targets, windows, batch_size).items():
             stats[fisher_key(name)] = InputStatistics(tokens=windows.numel(), fisher=rows)

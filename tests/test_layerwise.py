@@ -1,0 +1,131 @@
+"""Layer-wise mode: one block at a time gives the whole-model result; compressed inputs differ."""
+
+import copy
+
+import pytest
+import torch
+
+from lrc import pipeline
+from lrc.allocators.bayes import Bayes
+from lrc.allocators.energy import Energy
+from lrc.allocators.mgaa import MGAA
+from lrc.allocators.uniform import Uniform
+from lrc.calibration import Calibration, EmbeddedText
+from lrc.errors import ConfigError
+from lrc.evaluation import PerplexityBenchmark
+from lrc.factorizers.feature_pca import FeaturePCA
+from lrc.factorizers.fwsvd import FWSVD
+from lrc.factorizers.svd import PlainSVD
+from lrc.factorizers.svdllm import SVDLLM
+from lrc.layerwise import BlockStream, LayerwiseOptions, block_on
+from lrc.models import LoadedModel, tiny_random
+from lrc.statistics import collect_statistics
+from lrc.adapters import find_targets
+
+LAYERWISE = LayerwiseOptions(enabled=True)
+
+
+def compress(tiny, cache, allocator, factorizer=None, layerwise=None, ratio=0.4, model_type="llama"):
+    base = tiny if model_type == "llama" else tiny_random(device="cpu", model_type=model_type, num_hidden_layers=3)
+    loaded = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.identity)
+    calibration = Calibration(EmbeddedText(), nsamples=6, seqlen=64, batch_size=4)
+    bench = [PerplexityBenchmark("embedded", EmbeddedText("test"), seqlen=64, max_windows=8)]
+    outcome = pipeline.compress_and_evaluate(loaded, factorizer or SVDLLM(), allocator, ratio, calibration, bench,
+                                             cache_dir=cache, measure_forward=False, layerwise=layerwise)
+    return outcome, loaded.model
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("make_allocator", [Uniform, MGAA, Energy, lambda: MGAA(inner="uniform")],
+                         ids=["uniform", "mgaa", "energy", "mgaa-inner-uniform"])
+def test_layerwise_equals_whole_model(tiny, tmp_path, make_allocator):
+    whole, whole_model = compress(tiny, tmp_path / "a", make_allocator())
+    layer, layer_model = compress(tiny, tmp_path / "b", make_allocator(), layerwise=LAYERWISE)
+    assert layer.diagnostics["mode"] == "layerwise" and whole.diagnostics["mode"] == "whole-model"
+    assert layer.ranks == whole.ranks
+    assert layer.metrics["ppl/embedded"] == pytest.approx(whole.metrics["ppl/embedded"], rel=1e-5)
+    ids = torch.arange(40)[None] % 200
+    torch.testing.assert_close(logits(layer_model, ids), logits(whole_model, ids), rtol=1e-4, atol=1e-4)
+    # the plan depends on data for all but uniform: two streaming passes, one of them a forward pass
+    assert layer.diagnostics["calibration_passes"] == 1
+
+
+def test_layerwise_statistics_equal_whole_model_statistics(tiny):
+    model = copy.deepcopy(tiny.model)
+    targets = find_targets(model)
+    windows = torch.randint(3, 250, (5, 32), generator=torch.Generator().manual_seed(0))
+    kinds = frozenset({"gram", "mean_abs", "pooled_cov:3", "cosine"})
+    whole = collect_statistics(model, targets, windows, kinds, batch_size=2)
+    from lrc.statistics import StatisticsHooks
+    stream = BlockStream(model, windows, 2, torch.device("cpu"))
+    for i, block in enumerate(stream.blocks):
+        hooks = StatisticsHooks(model, [t for t in targets if t.block == i], kinds, windows.numel(),
+                                torch.device("cpu"), blocks=[i])
+        with block_on(block, torch.device("cpu")):
+            stream.run(i, hooks)
+        for key, s in hooks.finish().items():
+            for field in ("gram", "mean_abs", "pooled_cov", "cosine"):
+                if getattr(whole[key], field) is not None:
+                    torch.testing.assert_close(getattr(s, field), getattr(whole[key], field), rtol=1e-9, atol=1e-9)
+            assert s.tokens == whole[key].tokens
+
+
+def test_layerwise_on_gemma3_per_layer_type_arguments(tmp_path):
+    """Gemma 3 hands sliding-window and global layers different masks and rotary tables."""
+    whole, _ = compress(None, tmp_path / "a", Uniform(), model_type="gemma3_text")
+    layer, _ = compress(None, tmp_path / "b", Uniform(), layerwise=LAYERWISE, model_type="gemma3_text")
+    assert layer.metrics["ppl/embedded"] == pytest.approx(whole.metrics["ppl/embedded"], rel=1e-5)
+
+
+def test_compressed_inputs_change_the_statistics_and_are_cached_apart(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    dense_inputs, _ = compress(tiny, cache, Uniform(), layerwise=LAYERWISE)
+    compressed = LayerwiseOptions(enabled=True, compressed_inputs=True)
+    first, model = compress(tiny, cache, Uniform(), layerwise=compressed)
+    assert first.diagnostics["statistics_computed"] == ["gram"]  # not taken from the dense-input cache
+    assert first.ranks == dense_inputs.ranks
+    # block 0 sees the same inputs; later blocks see the compressed model's activations
+    b0 = [n for n in first.diagnostics["truncation_error"] if ".0." in n]
+    b1 = [n for n in first.diagnostics["truncation_error"] if ".1." in n]
+    for name in b0:
+        assert first.diagnostics["truncation_error"][name] == pytest.approx(
+            dense_inputs.diagnostics["truncation_error"][name], rel=1e-9)
+    assert any(first.diagnostics["truncation_error"][n] != pytest.approx(
+        dense_inputs.diagnostics["truncation_error"][n], rel=1e-6) for n in b1)
+    again, _ = compress(tiny, cache, Uniform(), layerwise=compressed)
+    assert again.diagnostics["statistics_cached"] == ["gram"] and again.diagnostics["calibration_passes"] == 0
+    assert again.metrics == first.metrics
+
+
+def test_compressed_inputs_with_a_global_allocator_plans_on_dense_statistics(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    dense_inputs, _ = compress(tiny, cache, MGAA(), layerwise=LAYERWISE)
+    compressed, _ = compress(tiny, cache, MGAA(), layerwise=LayerwiseOptions(enabled=True, compressed_inputs=True))
+    assert compressed.ranks == dense_inputs.ranks  # the plan comes from the dense pass (cached)
+    assert compressed.diagnostics["calibration_passes"] == 1  # the compressed-input pass only
+    assert compressed.metrics != dense_inputs.metrics
+
+
+def test_layerwise_search_allocator_scores_plans(tiny, tmp_path):
+    whole, _ = compress(tiny, tmp_path / "a", Bayes(n_trials=3, seed=0))
+    layer, _ = compress(tiny, tmp_path / "b", Bayes(n_trials=3, seed=0), layerwise=LAYERWISE)
+    assert layer.ranks == whole.ranks
+    assert [t["objective"] for t in layer.trials] == pytest.approx([t["objective"] for t in whole.trials], rel=1e-5)
+
+
+@pytest.mark.parametrize("factorizer", [PlainSVD, FeaturePCA], ids=["svd", "feature_pca"])
+def test_layerwise_with_other_factorizers(tiny, tmp_path, factorizer):
+    whole, _ = compress(tiny, tmp_path / "a", Energy(), factorizer=factorizer())
+    layer, _ = compress(tiny, tmp_path / "b", Energy(), factorizer=factorizer(), layerwise=LAYERWISE)
+    assert layer.ranks == whole.ranks
+    assert layer.metrics["ppl/embedded"] == pytest.approx(whole.metrics["ppl/embedded"], rel=1e-5)
+
+
+def test_layerwise_rejects_fisher_before_heavy_work(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="fisher.*whole model"):
+        compress(tiny, tmp_path, Uniform(), factorizer=FWSVD(), layerwise=LAYERWISE)
+    assert not (tmp_path / "stats").exists()
