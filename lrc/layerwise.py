@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrc.adapters import TargetLinear, decoder_blocks
+from lrc.budget import is_low_rank
 from lrc.cache import StatisticsCache
 from lrc.errors import ConfigError
 from lrc.factorizers.base import Decomposition, InputStatistics
@@ -118,15 +119,24 @@ class BlockStream:
             self.hidden, self.position = outputs, index + 1
 
 
-@contextmanager
-def block_on(block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """``block`` on the work device for the duration; back on the host afterwards."""
-    host = next(block.parameters()).device
-    block.to(device)
-    try:
-        yield block
-    finally:
-        block.to(host)
+class ResidentBlocks:
+    """Blocks kept in host memory; each visits the work device in turn."""
+
+    streamed = False
+
+    @contextmanager
+    def visit(self, index: int, block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+        host = next(block.parameters()).device
+        block.to(device)
+        try:
+            yield block
+        finally:
+            block.to(host)
+
+
+def block_on(block: nn.Module, device: torch.device) -> Any:
+    """``block`` (resident on the host) on the work device for the duration."""
+    return ResidentBlocks().visit(0, block, device)
 
 
 def block_statistics_key(base: dict[str, Any], index: int, targets: list[TargetLinear], inputs: Any = "dense"
@@ -163,12 +173,13 @@ class LayerwiseCompressor:
                  kinds: frozenset[str], device: torch.device, cache: StatisticsCache, cache_base: dict[str, Any],
                  decompose: Callable[[torch.Tensor, InputStatistics | None], Decomposition],
                  factorizer_identity: dict[str, Any], options: LayerwiseOptions,
-                 watch: Callable[[str], Any]) -> None:
+                 watch: Callable[[str], Any], home: Any = None) -> None:
         check_layerwise(kinds)
         self.model, self.windows, self.batch_size, self.kinds = model, windows, batch_size, kinds
         self.device, self.cache, self.cache_base = device, cache, cache_base
         self.decompose_fn, self.factorizer_identity, self.options, self.watch = (
             decompose, factorizer_identity, options, watch)
+        self.home = home or ResidentBlocks()
         self.path, self.blocks = decoder_blocks(model)
         self.by_block: dict[int, list[TargetLinear]] = {}
         for t in targets:
@@ -182,11 +193,17 @@ class LayerwiseCompressor:
             inputs = {"factorizer": self.factorizer_identity, "plan": plan_digest(plan)}
         return block_statistics_key(self.cache_base, index, self.by_block.get(index, []), inputs)
 
-    def all_cached(self, plan: Mapping[str, int] | None) -> bool:
-        return all(self.cache.has(self._key(i, plan), self.kinds) for i in range(len(self.blocks)))
+    def all_cached(self, plan: Mapping[str, int] | None, compressed: bool = False) -> bool:
+        return all(self.cache.has(self._key(i, plan if compressed else None), self.kinds)
+                   for i in range(len(self.blocks)) if self._needs_statistics(i, plan))
+
+    def _needs_statistics(self, index: int, plan: Mapping[str, int] | None) -> bool:
+        """Before the plan is known every block's statistics are; after it, only those of blocks
+        with a matrix to factorize (ResSVD's partial-layer plans keep the first blocks dense)."""
+        return plan is None or any(is_low_rank(t.shape, plan[t.name]) for t in self.by_block.get(index, []))
 
     def _block_statistics(self, index: int, stream: BlockStream | None, plan: Mapping[str, int] | None,
-                          advance: bool) -> dict[str, InputStatistics]:
+                          advance: bool, needed: bool = True) -> dict[str, InputStatistics]:
         """Statistics of block ``index`` (cached or computed); runs the block when ``stream`` is
         given, advancing it unless the block is to be compressed before its outputs are taken."""
         ran = False
@@ -202,7 +219,7 @@ class LayerwiseCompressor:
             return hooks.finish()
 
         stats: dict[str, InputStatistics] = {}
-        if self.kinds:
+        if self.kinds and needed:
             stats, cached = self.cache.get_or_compute(self._key(index, plan), self.kinds, compute, quiet=True)
             self.result.statistics_cached |= set(cached)
             self.result.statistics_computed |= set(self.kinds - cached)
@@ -211,10 +228,10 @@ class LayerwiseCompressor:
         return stats
 
     # --- the passes -------------------------------------------------------------------
-    def _stream(self, plan: Mapping[str, int] | None) -> BlockStream | None:
-        """A fresh stream of calibration activations, or None when every block's statistics
-        are cached and no block's outputs are needed."""
-        if not self.kinds or self.all_cached(plan):
+    def _stream(self, plan: Mapping[str, int] | None, compressed: bool) -> BlockStream | None:
+        """A fresh stream of calibration activations, or None when every needed statistic is
+        cached (then no block's outputs are needed)."""
+        if not self.kinds or self.all_cached(plan, compressed):
             return None
         self.result.forward_passes += 1
         return BlockStream(self.model, self.windows, self.batch_size, self.device)
@@ -232,13 +249,14 @@ class LayerwiseCompressor:
         compressed = plan is not None and self.options.compressed_inputs
         decompositions = {} if decompositions is None else decompositions
         with self.watch("calibration_s"):
-            stream = self._stream(plan if compressed else None)
+            stream = self._stream(plan, compressed)
         for index in tqdm(range(len(self.blocks)), desc="layer-wise", leave=False, disable=None):
             targets = self.by_block.get(index, [])
-            with block_on(self.blocks[index], self.device):
+            with self.home.visit(index, self.blocks[index], self.device):
                 with self.watch("calibration_s"):
                     stats = self._block_statistics(index, stream, plan if compressed else None,
-                                                   advance=not compressed)
+                                                   advance=not compressed,
+                                                   needed=self._needs_statistics(index, plan))
                 self.result.cosine.update({k: v for k, v in stats.items() if k.startswith("sublayer:")})
 
                 def decompose(name: str) -> Decomposition:
@@ -267,9 +285,11 @@ class LayerwiseCompressor:
             del stream
 
 
-def layerwise_forward(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> None:
+def layerwise_forward(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
+                      home: Any = None) -> None:
     """A plain layer-wise forward over ``windows`` (no statistics): the floor of a streaming pass."""
+    home = home or ResidentBlocks()
     stream = BlockStream(model, windows, batch_size, device)
     for index, block in enumerate(stream.blocks):
-        with block_on(block, device):
+        with home.visit(index, block, device):
             stream.run(index)

@@ -32,6 +32,9 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     identity: dict[str, Any] = field(default_factory=dict)
+    # Where the decoder blocks live between visits to the device in layer-wise mode:
+    # None is host memory; lrc.streamed.StreamedBlocks streams them from outside memory.
+    blocks: Any = None
 
     @property
     def device(self) -> torch.device:

@@ -22,7 +22,7 @@ from lrc.allocators.base import AllocationContext, Allocator, MatrixInfo
 from lrc.budget import Budget, check_plan
 from lrc.cache import JsonCache, StatisticsCache, cache_key
 from lrc.calibration import Calibration
-from lrc.errors import BudgetError
+from lrc.errors import BudgetError, ConfigError
 from lrc.evaluation import PerplexityBenchmark, run_benchmarks
 from lrc.layerwise import (LayerwiseCompressor, LayerwiseOptions, block_statistics_key, check_layerwise,
                            layerwise_forward)
@@ -30,6 +30,7 @@ from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics
 from lrc.models import LoadedModel
 from lrc.plots import ranks_per_layer
 from lrc.records import trial_columns
+from lrc.resources import peak_device_bytes, peak_host_bytes, reset_peak_device, reset_peak_host
 from lrc.scoring import PlanScorer
 from lrc.statistics import collect_statistics, decoder_forward, for_target, sublayer_cosine
 from lrc.swap import apply_plan
@@ -51,25 +52,41 @@ class Outcome:
     metrics: dict[str, float]
     dense_metrics: dict[str, float]
     timings: dict[str, float]
+    memory: dict[str, int] = field(default_factory=dict)  # peak bytes per stage (see Stopwatch)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     trials: list[dict[str, Any]] = field(default_factory=list)  # plans scored by a search allocator
 
 
 class Stopwatch:
-    def __init__(self) -> None:
+    """Seconds per stage (``watch("calibration_s")`` laps add up) and each stage's peak host
+    and device memory (bytes, under ``memory["<stage>_peak_host"]`` / ``_peak_device``)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
         self.timings: dict[str, float] = {}
+        self.memory: dict[str, int] = {}
+        self.device = device
 
     def __call__(self, key: str):
         watch = self
+        stage = key.removesuffix("_s")
 
         class _Lap:
             def __enter__(self):
+                reset_peak_host()
+                if watch.device is not None:
+                    reset_peak_device(watch.device)
                 self.start = time.perf_counter()
 
             def __exit__(self, *exc):
                 watch.timings[key] = watch.timings.get(key, 0.0) + time.perf_counter() - self.start
+                watch._peak(f"{stage}_peak_host", peak_host_bytes())
+                if watch.device is not None and (dev := peak_device_bytes(watch.device)) is not None:
+                    watch._peak(f"{stage}_peak_device", dev)
 
         return _Lap()
+
+    def _peak(self, key: str, value: int) -> None:
+        self.memory[key] = max(self.memory.get(key, 0), value)
 
 
 def model_size(model: nn.Module) -> tuple[int, int]:
@@ -119,14 +136,17 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
     model, tokenizer = loaded.model, loaded.tokenizer
     layerwise = layerwise or LayerwiseOptions()
     device = device or loaded.device
-    watch, diagnostics = Stopwatch(), {"mode": "layerwise" if layerwise.enabled else STATS_MODE}
+    watch, diagnostics = Stopwatch(device), {"mode": "layerwise" if layerwise.enabled else STATS_MODE}
     targets = find_targets(model)
     budget = Budget({t.name: t.shape for t in targets}, ratio)
     matrices = [MatrixInfo(t.name, t.shape, t.block, t.sublayer, t.kind) for t in targets]
     allocator.check(matrices, budget)  # before any heavy work
     kinds = frozenset(factorizer.needs | allocator.needs)
-    if layerwise.enabled:
+    streamed = getattr(loaded.blocks, "streamed", False)
+    if layerwise.enabled or streamed:
         check_layerwise(kinds)
+        check_streamed(streamed, layerwise, benchmarks, allocator)
+    moves = layerwise.enabled and not streamed  # the whole model visits the device for benchmarks
     model_before, bytes_before = model_size(model)
 
     with watch("calibration_s"):
@@ -134,13 +154,13 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
         validation = allocator.validation
         held_out = (calibration.validation_windows(tokenizer, validation.nsamples, validation.seqlen)
                     if validation is not None else None)
-    with watch("dense_benchmark_s"), on_device(model, device, layerwise.enabled):
+    with watch("dense_benchmark_s"), on_device(model, device, moves):
         dense, diagnostics["dense_metrics_cached"] = dense_metrics(loaded, benchmarks, JsonCache(cache_dir, "dense"))
     log.info("dense model: %s", _fmt(dense))
 
     if kinds and measure_forward and not _statistics_cached(loaded, targets, calibration, kinds, cache_dir,
                                                             layerwise):
-        _time_plain_forward(model, windows, calibration.batch_size, device, layerwise.enabled, watch)
+        _time_plain_forward(model, windows, calibration.batch_size, device, layerwise.enabled, watch, loaded.blocks)
     compress = _compress_layerwise if layerwise.enabled else _compress_whole_model
     done = compress(loaded, targets, factorizer, allocator, budget, matrices, calibration, windows, held_out,
                     kinds, StatisticsCache(cache_dir), device, layerwise, watch, diagnostics, tracker)
@@ -162,7 +182,7 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
     log.info("removed %.4f of %d target parameters (budget %.4f)", params["removed_fraction"],
              budget.params_before, ratio)
 
-    with watch("benchmark_s"), on_device(model, device, layerwise.enabled):
+    with watch("benchmark_s"), on_device(model, device, moves):
         metrics = run_benchmarks(model, tokenizer, benchmarks)
     log.info("compressed model: %s", _fmt(metrics))
     trials = done.scorer.trials if done.scorer is not None else []
@@ -180,7 +200,7 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
             columns = trial_columns(trials)
             tracker.log_table("trials", columns, [[row.get(c) for c in columns] for row in trials])
     return Outcome(ranks=dict(plan), params=params, metrics=metrics, dense_metrics=dense,
-                   timings=watch.timings, diagnostics=diagnostics, trials=trials)
+                   timings=watch.timings, memory=watch.memory, diagnostics=diagnostics, trials=trials)
 
 
 @dataclass
@@ -191,6 +211,19 @@ class Compression:
     errors: dict[str, float]
     damping: dict[str, float]
     scorer: PlanScorer | None = None
+
+
+def check_streamed(streamed: bool, layerwise: LayerwiseOptions, benchmarks: list[Any], allocator: Allocator) -> None:
+    """A model whose blocks are streamed from outside memory is never whole in memory."""
+    if not streamed:
+        return
+    if not layerwise.enabled:
+        raise ConfigError("this model streams its decoder blocks from outside memory: set layerwise.enabled=true")
+    if benchmarks:
+        raise ConfigError("this model streams its decoder blocks from outside memory and cannot be benchmarked "
+                          "whole; run without benchmarks (the compressed blocks are in its offload folder)")
+    if allocator.validation is not None:
+        raise ConfigError("a search allocator scores plans on the whole model, which a streamed model never is")
 
 
 @contextmanager
@@ -209,15 +242,15 @@ def on_device(model: nn.Module, device: torch.device, layerwise: bool) -> Iterat
 
 
 def _time_plain_forward(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
-                        layerwise: bool, watch: Stopwatch) -> None:
+                        layerwise: bool, watch: Stopwatch, home: Any = None) -> None:
     """Time a plain forward over the calibration set (layer-wise when the run is), the floor the
     statistics stage is measured against."""
-    start = time.perf_counter()
-    if layerwise:
-        layerwise_forward(model, windows, batch_size, device)
-    else:
-        decoder_forward(model, windows, batch_size)
-    forward = watch.timings["calibration_forward_s"] = time.perf_counter() - start
+    with watch("calibration_forward_s"):
+        if layerwise:
+            layerwise_forward(model, windows, batch_size, device, home)
+        else:
+            decoder_forward(model, windows, batch_size)
+    forward = watch.timings["calibration_forward_s"]
     log.info("a plain %s forward over the %d calibration tokens took %.1fs", "layer-wise" if layerwise else "",
              windows.numel(), forward)
 
@@ -298,7 +331,7 @@ def _compress_layerwise(loaded: LoadedModel, targets: list[TargetLinear], factor
     model = loaded.model
     base = {"model": loaded.identity, "calibration": calibration.describe()}
     compressor = LayerwiseCompressor(model, targets, windows, calibration.batch_size, kinds, device, cache, base,
-                                     factorizer.decompose, factorizer.describe(), layerwise, watch)
+                                     factorizer.decompose, factorizer.describe(), layerwise, watch, loaded.blocks)
     validation = allocator.validation
     decompositions: dict[str, Decomposition] = {}
     scorer = None

@@ -153,6 +153,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         timings["total_s"] = time.perf_counter() - start
         record = {"status": "done", "config": config, "ranks": outcome.ranks, "params": outcome.params,
                   "metrics": outcome.metrics, "dense_metrics": outcome.dense_metrics, "timings": timings,
+                  "memory": outcome.memory,
                   "versions": versions(), "diagnostics": outcome.diagnostics, "environment": environment()}
         if outcome.trials:
             record["trials"] = outcome.trials

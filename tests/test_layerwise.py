@@ -129,3 +129,62 @@ def test_layerwise_rejects_fisher_before_heavy_work(tiny, tmp_path):
     with pytest.raises(ConfigError, match="fisher.*whole model"):
         compress(tiny, tmp_path, Uniform(), factorizer=FWSVD(), layerwise=LAYERWISE)
     assert not (tmp_path / "stats").exists()
+
+
+def streamed_tiny(offload, **extra):
+    from lrc.streamed import random_streamed
+
+    return random_streamed(offload, seed=3, vocab_size=256, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, **extra)
+
+
+def test_streamed_blocks_give_the_resident_result_and_stay_out_of_memory(tmp_path):
+    """A model whose blocks are materialised one at a time (and offloaded once compressed)
+    compresses exactly like the same weights held in memory."""
+    calibration = Calibration(EmbeddedText(), nsamples=6, seqlen=64, batch_size=4)
+    streamed = streamed_tiny(tmp_path / "offload")
+    resident = streamed_tiny(tmp_path / "unused")
+    resident.blocks.materialize(resident.model.model.layers)  # same weights, in memory for good
+    resident.blocks = None
+    outcomes = [pipeline.compress_and_evaluate(loaded, SVDLLM(), MGAA(), 0.4, calibration, [],
+                                               cache_dir=tmp_path / name, measure_forward=True, layerwise=LAYERWISE)
+                for name, loaded in (("s", streamed), ("r", resident))]
+    assert outcomes[0].ranks == outcomes[1].ranks
+    assert outcomes[0].diagnostics["truncation_error"] == pytest.approx(outcomes[1].diagnostics["truncation_error"])
+    assert all(p.is_meta for p in streamed.model.model.layers.parameters())  # nothing left in memory
+    assert sorted(p.name for p in (tmp_path / "offload").iterdir()) == [f"block-000{i}.safetensors" for i in range(3)]
+    streamed.blocks.materialize(streamed.model.model.layers)
+    ids = torch.arange(50)[None] % 250
+    torch.testing.assert_close(logits(streamed.model, ids), logits(resident.model, ids))
+    assert outcomes[0].params == outcomes[1].params
+
+
+def test_streamed_model_needs_layerwise_and_no_whole_model_work(tmp_path):
+    calibration = Calibration(EmbeddedText(), nsamples=2, seqlen=32)
+    loaded = streamed_tiny(tmp_path / "offload")
+    bench = [PerplexityBenchmark("embedded", EmbeddedText("test"), seqlen=64, max_windows=2)]
+    for layerwise, benchmarks, allocator, message in [
+            (None, [], Uniform(), "layerwise.enabled=true"),
+            (LAYERWISE, bench, Uniform(), "cannot be benchmarked whole"),
+            (LAYERWISE, [], Bayes(n_trials=2), "scores plans on the whole model")]:
+        with pytest.raises(ConfigError, match=message):
+            pipeline.compress_and_evaluate(loaded, SVDLLM(), allocator, 0.4, calibration, benchmarks,
+                                           cache_dir=tmp_path, layerwise=layerwise)
+
+
+def test_partial_layer_plan_collects_statistics_of_compressed_blocks_only(tmp_path):
+    from lrc.allocators.ressvd_plc import ResSVDPLC
+
+    base = tiny_random(device="cpu", num_hidden_layers=4)
+    outcomes = {}
+    for mode, layerwise in (("whole", None), ("layer", LAYERWISE)):
+        loaded = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.identity)
+        calibration = Calibration(EmbeddedText(), nsamples=4, seqlen=64)
+        bench = [PerplexityBenchmark("embedded", EmbeddedText("test"), seqlen=64, max_windows=4)]
+        outcomes[mode] = pipeline.compress_and_evaluate(loaded, SVDLLM(), ResSVDPLC(k=2), 0.2, calibration, bench,
+                                                        cache_dir=tmp_path / mode, layerwise=layerwise)
+    assert outcomes["layer"].ranks == outcomes["whole"].ranks
+    assert outcomes["layer"].metrics["ppl/embedded"] == pytest.approx(outcomes["whole"].metrics["ppl/embedded"],
+                                                                     rel=1e-5)
+    # one Gram file per block it needs: blocks 2 and 3 (the first two stay dense)
+    assert len(list((tmp_path / "layer" / "stats").glob("*.safetensors"))) == 2

@@ -186,3 +186,16 @@ def test_cache_ignores_a_file_whose_content_changed(tmp_path):
     data[-8] ^= 0xFF  # flip bits inside the tensor data: still a valid safetensors file
     path.write_bytes(bytes(data))
     assert cache.load("k" * 32) is None  # the content hash no longer matches
+
+
+@pytest.mark.parametrize("n", [100, 513, 600, 1000])
+def test_strip_gram_equals_the_full_product(n, rng):
+    from lrc.statistics import add_gram, symmetric
+
+    x = torch.randn(300, n, generator=rng)
+    acc = torch.zeros(n, n, dtype=torch.float64)
+    add_gram(acc, x[:150])
+    add_gram(acc, x[150:])
+    reference = x.double().T @ x.double()
+    torch.testing.assert_close(symmetric(acc), reference, rtol=1e-5, atol=1e-3)
+    assert torch.equal(symmetric(acc), symmetric(acc).T)
