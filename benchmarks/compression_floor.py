@@ -150,7 +150,7 @@ def main() -> None:
     compression = timings["calibration_s"] + timings.get("allocation_s", 0) + timings["factorization_s"]
 
     mode = "layer-wise" if args.layerwise else "whole-model"
-    print(f"model {args.model}: {len(find_targets(loaded.model)) and len(targets)} target matrices in "
+    print(f"model {args.model}: {len(targets)} target matrices in "
           f"{max(t.block for t in targets) + 1} blocks, {params / 1e6:.1f}M parameters "
           f"({nbytes / GiB:.2f} GiB as loaded); {mode} mode on {device}")
     print(f"calibration {args.nsamples} x {args.seqlen} = {tokens} tokens, batch {args.batch_size}; "

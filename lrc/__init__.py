@@ -6,5 +6,13 @@ only :mod:`lrc.run` sees the Hydra config.
 
 from lrc.errors import LrcError
 
-__all__ = ["LrcError"]
+
+def load_compressed(path, device="cpu", dtype=None):
+    """A compressed checkpoint (``save=true`` or ``python -m lrc.export``): (model, tokenizer)."""
+    from lrc.checkpoint import load_compressed as load
+
+    return load(path, device=device, dtype=dtype)
+
+
+__all__ = ["LrcError", "load_compressed"]
 __version__ = "0.1.0"

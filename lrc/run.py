@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lrc.budget import check_ratio
 from lrc.calibration import Calibration
+from lrc.checkpoint import save_compressed
 from lrc.errors import ConfigError, LrcError
 from lrc.evaluation import PerplexityBenchmark
 from lrc.layerwise import LayerwiseOptions
@@ -37,6 +38,7 @@ from lrc.records import RESULT_FILE, read_record, versions, write_record, write_
 from lrc.zeroshot import ZeroShotBenchmark
 
 log = logging.getLogger("lrc")
+CHECKPOINT_DIR = "model"  # save=true writes the compressed model here, inside the run folder
 
 
 def build(node: Any, what: str, **kwargs: Any) -> Any:
@@ -119,34 +121,58 @@ def sweep_group() -> str | None:
 OmegaConf.register_new_resolver("lrc_sweep_group", sweep_group, replace=True)  # conf/logger/wandb.yaml
 
 
+@dataclass
+class Job:
+    """Everything a config builds, ready for :func:`lrc.pipeline.compress_and_evaluate`."""
+
+    ratio: float
+    factorizer: Any
+    allocator: Any
+    calibration: Calibration
+    benchmarks: list[Any]
+    layerwise: LayerwiseOptions
+    device: Any
+
+    def load(self, cfg: DictConfig) -> tuple[Any, float]:
+        """The model (on the host in layer-wise mode, which moves one block at a time to the
+        device) and the seconds loading took."""
+        t0 = time.perf_counter()
+        load_on = {"device": "cpu"} if self.layerwise.enabled else {}
+        loaded = build(OmegaConf.merge(cfg.model.load, load_on), f"model={cfg.model.get('name')}")
+        load_s = time.perf_counter() - t0
+        log.info("loaded %s (%s) on %s in %.1fs", cfg.model.get("name"), type(loaded.model).__name__,
+                 loaded.device, load_s)
+        return loaded, load_s
+
+    def compress(self, loaded: Any, cfg: DictConfig, tracker: Any = None, benchmarks: bool = True) -> Any:
+        from lrc.pipeline import compress_and_evaluate
+
+        return compress_and_evaluate(loaded, self.factorizer, self.allocator, self.ratio, self.calibration,
+                                     self.benchmarks if benchmarks else [], cache_dir=cache_root(cfg.cache_dir),
+                                     tracker=tracker, measure_forward=cfg.measure_forward and benchmarks,
+                                     layerwise=self.layerwise, device=self.device)
+
+
+def prepare(cfg: DictConfig) -> Job:
+    """Validate and build every part of the config (bad input fails here, before any heavy work)."""
+    return Job(ratio=check_ratio(cfg.ratio),
+               factorizer=build(cfg.factorizer, f"factorizer={cfg.get('factorizer', {}).get('name')}"),
+               allocator=build(cfg.allocator, f"allocator={cfg.get('allocator', {}).get('name')}"),
+               calibration=build_calibration(cfg), benchmarks=build_benchmarks(cfg),
+               layerwise=layerwise_options(cfg), device=resolve_device(cfg.device))
+
+
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Validate, build, compress, evaluate; return the record (also written to result.json)."""
-    from lrc.pipeline import compress_and_evaluate
-
     start = time.perf_counter()
-    ratio = check_ratio(cfg.ratio)
-    factorizer = build(cfg.factorizer, f"factorizer={cfg.get('factorizer', {}).get('name')}")
-    allocator = build(cfg.allocator, f"allocator={cfg.get('allocator', {}).get('name')}")
-    calibration = build_calibration(cfg)
-    benchmarks = build_benchmarks(cfg)
+    job = prepare(cfg)
+    ratio = job.ratio
     config = OmegaConf.to_container(cfg, resolve=True)
-
-    layerwise = layerwise_options(cfg)
-    device = resolve_device(cfg.device)
-    t0 = time.perf_counter()
-    # Layer-wise mode keeps the model on the host and moves one block at a time to the device.
-    load_on = {"device": "cpu"} if layerwise.enabled else {}
-    loaded = build(OmegaConf.merge(cfg.model.load, load_on), f"model={cfg.model.get('name')}")
-    load_s = time.perf_counter() - t0
-    log.info("loaded %s (%s) on %s in %.1fs", cfg.model.get("name"), type(loaded.model).__name__,
-             loaded.device, load_s)
+    loaded, load_s = job.load(cfg)
 
     tracker = build(cfg.logger, "logger", output_dir=output_dir, config=config)
     with tracker:
-        outcome = compress_and_evaluate(loaded, factorizer, allocator, ratio, calibration, benchmarks,
-                                        cache_dir=cache_root(cfg.cache_dir), tracker=tracker,
-                                        measure_forward=cfg.measure_forward, layerwise=layerwise,
-                                        device=device)
+        outcome = job.compress(loaded, cfg, tracker)
         timings = {"load_s": load_s, **outcome.timings}
         for key in ("calibration_s", "allocation_s", "factorization_s", "benchmark_s"):
             timings.setdefault(key, 0.0)
@@ -158,6 +184,12 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         if outcome.trials:
             record["trials"] = outcome.trials
             log.info("trials: %s", write_trials(output_dir, outcome.trials))
+        if cfg.get("save"):
+            record["checkpoint"] = str(output_dir / CHECKPOINT_DIR)
+            save_compressed(loaded.model, loaded.tokenizer, output_dir / CHECKPOINT_DIR, record=record,
+                            merge=bool(cfg.get("merge")))
+            log.info("compressed model saved to %s%s", output_dir / CHECKPOINT_DIR,
+                     " (factors merged into dense weights)" if cfg.get("merge") else "")
         path = write_record(output_dir, record)
     for metric, value in outcome.metrics.items():
         log.info("%s: dense %.4g -> compressed %.4g (x%.2f) at ratio %.2f", metric, outcome.dense_metrics[metric],
