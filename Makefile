@@ -37,7 +37,7 @@ test-all: install
 	$(PY) -m pytest -q $(ARGS)
 
 lint: install
-	$(PY) -m ruff check lrc tests scripts
+	$(PY) -m ruff check lrc tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -120,18 +121,26 @@ class BlockStream:
 
 
 class ResidentBlocks:
-    """Blocks kept in host memory; each visits the work device in turn."""
+    """Blocks kept in host memory; each visits the work device in turn. ``seconds`` adds up
+    the time spent moving blocks there and back."""
 
     streamed = False
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
 
     @contextmanager
     def visit(self, index: int, block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         host = next(block.parameters()).device
+        start = time.perf_counter()
         block.to(device)
+        self.seconds += time.perf_counter() - start
         try:
             yield block
         finally:
+            start = time.perf_counter()
             block.to(host)
+            self.seconds += time.perf_counter() - start
 
 
 def block_on(block: nn.Module, device: torch.device) -> Any:
@@ -259,7 +268,7 @@ class LayerwiseCompressor:
                                                    needed=self._needs_statistics(index, plan))
                 self.result.cosine.update({k: v for k, v in stats.items() if k.startswith("sublayer:")})
 
-                def decompose(name: str) -> Decomposition:
+                def decompose(name: str, targets=targets, stats=stats) -> Decomposition:
                     target = next(t for t in targets if t.name == name)
                     return self.decompose_fn(self.model.get_submodule(name).weight, for_target(stats, target))
 
@@ -281,8 +290,6 @@ class LayerwiseCompressor:
                 if compressed and stream is not None:
                     with self.watch("calibration_s"):
                         stream.run(index, advance=True)  # the compressed block's outputs
-        if stream is not None:
-            del stream
 
 
 def layerwise_forward(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,

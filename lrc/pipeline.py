@@ -24,9 +24,15 @@ from lrc.cache import JsonCache, StatisticsCache, cache_key
 from lrc.calibration import Calibration
 from lrc.errors import BudgetError, ConfigError
 from lrc.evaluation import PerplexityBenchmark, run_benchmarks
-from lrc.layerwise import (LayerwiseCompressor, LayerwiseOptions, block_statistics_key, check_layerwise,
-                           layerwise_forward)
 from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics
+from lrc.layerwise import (
+    LayerwiseCompressor,
+    LayerwiseOptions,
+    ResidentBlocks,
+    block_statistics_key,
+    check_layerwise,
+    layerwise_forward,
+)
 from lrc.models import LoadedModel
 from lrc.plots import ranks_per_layer
 from lrc.records import trial_columns
@@ -118,9 +124,10 @@ def calibration_statistics(loaded: LoadedModel, targets: list[TargetLinear], cal
 
     Returns (statistics, the kinds that came from the cache).
     """
-    return cache.get_or_compute(
-        _statistics_key(loaded, targets, calibration), kinds, lambda missing: collect_statistics(loaded.model, targets, windows, missing,
-                                                        calibration.batch_size))
+    def compute(missing: frozenset[str]) -> dict[str, InputStatistics]:
+        return collect_statistics(loaded.model, targets, windows, missing, calibration.batch_size)
+
+    return cache.get_or_compute(_statistics_key(loaded, targets, calibration), kinds, compute)
 
 
 def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator: Allocator, ratio: float,
@@ -142,7 +149,8 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
     matrices = [MatrixInfo(t.name, t.shape, t.block, t.sublayer, t.kind) for t in targets]
     allocator.check(matrices, budget)  # before any heavy work
     kinds = frozenset(factorizer.needs | allocator.needs)
-    streamed = getattr(loaded.blocks, "streamed", False)
+    home = loaded.blocks or ResidentBlocks()  # where blocks live between visits to the device
+    streamed = home.streamed
     if layerwise.enabled or streamed:
         check_layerwise(kinds)
         check_streamed(streamed, layerwise, benchmarks, allocator)
@@ -160,10 +168,12 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
 
     if kinds and measure_forward and not _statistics_cached(loaded, targets, calibration, kinds, cache_dir,
                                                             layerwise):
-        _time_plain_forward(model, windows, calibration.batch_size, device, layerwise.enabled, watch, loaded.blocks)
+        _time_plain_forward(model, windows, calibration.batch_size, device, layerwise.enabled, watch, home)
     compress = _compress_layerwise if layerwise.enabled else _compress_whole_model
     done = compress(loaded, targets, factorizer, allocator, budget, matrices, calibration, windows, held_out,
-                    kinds, StatisticsCache(cache_dir), device, layerwise, watch, diagnostics, tracker)
+                    kinds, StatisticsCache(cache_dir), device, layerwise, watch, diagnostics, tracker, home)
+    if layerwise.enabled:
+        watch.timings["block_transfer_s"] = home.seconds
     plan, errors, damping = done.plan, done.errors, done.damping
     if damping:
         log.warning("whitening needed damping for %d matrices (max %.3g x mean diag)", len(damping),
@@ -245,11 +255,14 @@ def _time_plain_forward(model: nn.Module, windows: torch.Tensor, batch_size: int
                         layerwise: bool, watch: Stopwatch, home: Any = None) -> None:
     """Time a plain forward over the calibration set (layer-wise when the run is), the floor the
     statistics stage is measured against."""
+    moved = home.seconds if layerwise else 0.0
     with watch("calibration_forward_s"):
         if layerwise:
             layerwise_forward(model, windows, batch_size, device, home)
         else:
             decoder_forward(model, windows, batch_size)
+    if layerwise:  # compute only: moving blocks is timed apart (block_transfer_s)
+        watch.timings["calibration_forward_s"] -= home.seconds - moved
     forward = watch.timings["calibration_forward_s"]
     log.info("a plain %s forward over the %d calibration tokens took %.1fs", "layer-wise" if layerwise else "",
              windows.numel(), forward)
@@ -285,7 +298,7 @@ def _compress_whole_model(loaded: LoadedModel, targets: list[TargetLinear], fact
                           calibration: Calibration, windows: torch.Tensor, held_out: torch.Tensor | None,
                           kinds: frozenset[str], cache: StatisticsCache, device: torch.device,
                           layerwise: LayerwiseOptions, watch: Stopwatch, diagnostics: dict[str, Any],
-                          tracker: Tracker | None) -> Compression:
+                          tracker: Tracker | None, home: Any = None) -> Compression:
     """Statistics of every block in one forward pass, every matrix decomposed, allocate, factorize."""
     model = loaded.model
     by_name = {t.name: t for t in targets}
@@ -324,14 +337,14 @@ def _compress_layerwise(loaded: LoadedModel, targets: list[TargetLinear], factor
                         calibration: Calibration, windows: torch.Tensor, held_out: torch.Tensor | None,
                         kinds: frozenset[str], cache: StatisticsCache, device: torch.device,
                         layerwise: LayerwiseOptions, watch: Stopwatch, diagnostics: dict[str, Any],
-                        tracker: Tracker | None) -> Compression:
+                        tracker: Tracker | None, home: Any = None) -> Compression:
     """One block at a time on ``device``. An allocator that needs no calibration data gets its
     plan first and every block is factorized in one streaming pass; otherwise a first pass
     gathers spectra and sublayer statistics, the plan is made, and a second pass factorizes."""
     model = loaded.model
     base = {"model": loaded.identity, "calibration": calibration.describe()}
     compressor = LayerwiseCompressor(model, targets, windows, calibration.batch_size, kinds, device, cache, base,
-                                     factorizer.decompose, factorizer.describe(), layerwise, watch, loaded.blocks)
+                                     factorizer.decompose, factorizer.describe(), layerwise, watch, home)
     validation = allocator.validation
     decompositions: dict[str, Decomposition] = {}
     scorer = None

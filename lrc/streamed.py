@@ -9,6 +9,7 @@ holds one block at a time whatever the model's size.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,12 +33,14 @@ class StreamedBlocks:
     def __init__(self, fill: Callable[[int, nn.Module], None], offload_dir: str | Path) -> None:
         self.fill = fill
         self.offload_dir = Path(offload_dir)
+        self.seconds = 0.0  # spent materialising, storing and releasing blocks
 
     def stored(self, index: int) -> Path:
         return self.offload_dir / f"block-{index:04d}.safetensors"
 
     @contextmanager
     def visit(self, index: int, block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+        start = time.perf_counter()
         block.to_empty(device=device)
         path = self.stored(index)
         if path.is_file():
@@ -45,13 +48,16 @@ class StreamedBlocks:
         else:
             with torch.no_grad():
                 self.fill(index, block)
+        self.seconds += time.perf_counter() - start
         try:
             yield block
         finally:
+            start = time.perf_counter()
             if any(isinstance(m, LowRankLinear) for m in block.modules()):
                 with atomic_path(path) as tmp:
                     save_file({k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}, str(tmp))
             block.to("meta")
+            self.seconds += time.perf_counter() - start
 
 
     def materialize(self, blocks: nn.ModuleList, device: torch.device | str = "cpu") -> None:

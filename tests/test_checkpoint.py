@@ -16,7 +16,6 @@ from lrc.checkpoint import PLAN_FILE, save_compressed
 from lrc.errors import DataError
 from lrc.evaluation import PerplexityBenchmark
 from lrc.factorizers.feature_pca import FeaturePCA
-from lrc.factorizers.svdllm import SVDLLM
 from lrc.layers import LowRankLinear
 from lrc.models import LoadedModel, tiny_random
 

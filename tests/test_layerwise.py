@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lrc import pipeline
+from lrc.adapters import find_targets
 from lrc.allocators.bayes import Bayes
 from lrc.allocators.energy import Energy
 from lrc.allocators.mgaa import MGAA
@@ -20,7 +21,6 @@ from lrc.factorizers.svdllm import SVDLLM
 from lrc.layerwise import BlockStream, LayerwiseOptions, block_on
 from lrc.models import LoadedModel, tiny_random
 from lrc.statistics import collect_statistics
-from lrc.adapters import find_targets
 
 LAYERWISE = LayerwiseOptions(enabled=True)
 

