@@ -150,9 +150,12 @@ def main() -> None:
     batch_tokens = args.batch_size * args.seqlen
     square_rate, gram_rate = gemm_rate(sorted(set(widths.values())), batch_tokens, device)
     rate = max(square_rate, gram_rate)  # the fastest matrix multiply measured: the strictest floor
+    factorized = [t for t in targets if is_low_rank(t.shape, outcome.ranks[t.name])]
+    if args.layerwise and args.allocator == "ressvd_plc":  # a data-free plan: only these blocks get statistics
+        with_stats = {t.block for t in factorized}
+        widths = {t.group: t.shape[1] for t in targets if t.block in with_stats}
     gram_flops = sum(2.0 * n * n * tokens for n in widths.values())
     linear_flops = sum(2.0 * t.shape[0] * t.shape[1] * tokens for t in targets)
-    factorized = [t for t in targets if is_low_rank(t.shape, outcome.ranks[t.name])]
     svd = sum(svd_flops(*t.shape) for t in factorized)
     forward = timings.get("calibration_forward_s", float("nan"))
     stats_floor = forward + gram_flops / rate
@@ -180,8 +183,8 @@ def main() -> None:
           f"{peak_dev / GiB if peak_dev else float('nan'):>16.2f}")
     print(f"\nfloat32 matrix-multiply rate (best of 5): square 2048 GEMM {square_rate / 1e9:.1f} GFLOP/s, "
           f"x^T x at the Gram shapes {gram_rate / 1e9:.1f} GFLOP/s; floors use {rate / 1e9:.1f}")
-    print(f"Gram FLOPs {gram_flops / 1e12:.3f} T = {gram_flops / linear_flops:.2f} x the linear layers' forward "
-          f"FLOPs ({linear_flops / 1e12:.3f} T)")
+    print(f"Gram FLOPs {gram_flops / 1e12:.3f} T ({len(widths)} shared inputs) = {gram_flops / linear_flops:.2f} x "
+          f"the linear layers' forward FLOPs ({linear_flops / 1e12:.3f} T)")
     print(f"statistics floor = forward {forward:.1f} s + Grams {gram_flops / rate:.1f} s = {stats_floor:.1f} s; "
           f"statistics {timings['calibration_s']:.1f} s = {timings['calibration_s'] / stats_floor:.2f} x floor")
     print(f"SVD FLOPs of the {len(factorized)} factorized matrices {svd / 1e12:.3f} T = {svd / rate:.1f} s at "

@@ -219,9 +219,10 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     if missing or unexpected:
         raise DataError(f"{str(path)!r}: weights do not match the rank plan and config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     for key, tensor in weights.items():
-        shape = tuple(model.get_parameter(key).shape) if key in dict(model.named_parameters()) else None
-        if shape is not None and tuple(tensor.shape) != shape:
+        shape = shapes[key]
+        if tuple(tensor.shape) != shape:
             raise DataError(f"{str(path)!r}: {key} has shape {tuple(tensor.shape)}, the plan says {shape}")
     model.load_state_dict({k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in weights.items()},
                           strict=False, assign=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -101,13 +101,16 @@ def model_size(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
 
-def dense_metrics(loaded: LoadedModel, benchmarks: list[PerplexityBenchmark], cache: JsonCache) -> tuple[dict, bool]:
-    """The dense model's benchmark metrics, computed once per (model, benchmarks) and cached."""
+def dense_metrics(loaded: LoadedModel, benchmarks: list[PerplexityBenchmark], cache: JsonCache,
+                  placed: Callable[[], Any] = nullcontext) -> tuple[dict, bool]:
+    """The dense model's benchmark metrics, computed once per (model, benchmarks) and cached;
+    ``placed()`` is the context the model is evaluated in (layer-wise mode: on the device)."""
     key = cache_key({"model": loaded.identity, "benchmarks": [b.describe() for b in benchmarks], "protocol": 1})
     cached = cache.load(key)
     if cached is not None:
         return cached, True
-    metrics = run_benchmarks(loaded.model, loaded.tokenizer, benchmarks)
+    with placed():
+        metrics = run_benchmarks(loaded.model, loaded.tokenizer, benchmarks)
     cache.save(key, metrics)
     return metrics, False
 
@@ -162,8 +165,9 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
         validation = allocator.validation
         held_out = (calibration.validation_windows(tokenizer, validation.nsamples, validation.seqlen)
                     if validation is not None else None)
-    with watch("dense_benchmark_s"), on_device(model, device, moves):
-        dense, diagnostics["dense_metrics_cached"] = dense_metrics(loaded, benchmarks, JsonCache(cache_dir, "dense"))
+    with watch("dense_benchmark_s"):
+        dense, diagnostics["dense_metrics_cached"] = dense_metrics(loaded, benchmarks, JsonCache(cache_dir, "dense"),
+                                                                   lambda: on_device(model, device, moves))
     log.info("dense model: %s", _fmt(dense))
 
     if kinds and measure_forward and not _statistics_cached(loaded, targets, calibration, kinds, cache_dir,
