@@ -41,13 +41,8 @@ class StreamedBlocks:
     @contextmanager
     def visit(self, index: int, block: nn.Module, device: torch.device) -> Iterator[nn.Module]:
         start = time.perf_counter()
-        block.to_empty(device=device)
+        self._materialize(index, block, device)
         path = self.stored(index)
-        if path.is_file():
-            block.load_state_dict(load_file(str(path), device=str(device)))
-        else:
-            with torch.no_grad():
-                self.fill(index, block)
         self.seconds += time.perf_counter() - start
         try:
             yield block
@@ -64,13 +59,17 @@ class StreamedBlocks:
         """Put every block in memory for good (compressed ones from ``offload_dir``): for
         evaluating a streamed model that fits after all."""
         for index, block in enumerate(blocks):
-            block.to_empty(device=device)
-            path = self.stored(index)
-            if path.is_file():
-                block.load_state_dict(load_file(str(path), device=str(device)))
-            else:
-                with torch.no_grad():
-                    self.fill(index, block)
+            self._materialize(index, block, device)
+
+    def _materialize(self, index: int, block: nn.Module, device: torch.device | str) -> None:
+        """Real tensors for an empty block: its compressed version when stored, else ``fill``."""
+        block.to_empty(device=device)
+        path = self.stored(index)
+        if path.is_file():
+            block.load_state_dict(load_file(str(path), device=str(device)))
+        else:
+            with torch.no_grad():
+                self.fill(index, block)
 
 
 def random_fill(seed: int, std: float) -> Callable[[int, nn.Module], None]:
