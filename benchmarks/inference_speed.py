@@ -82,10 +82,10 @@ def build_checkpoints(ratios: list[float], folder: Path) -> dict[str, Path]:
     from lrc.cache import StatisticsCache
     from lrc.calibration import Calibration, EmbeddedText
     from lrc.checkpoint import save_compressed
+    from lrc.compression import calibration_statistics, decompose_all
     from lrc.factorizers.svdllm import SVDLLM
     from lrc.models import from_gguf_package
     from lrc.paths import cache_root
-    from lrc.pipeline import calibration_statistics, decompose_all
     from lrc.statistics import for_target
     from lrc.swap import plan_applied
 

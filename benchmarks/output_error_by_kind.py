@@ -20,6 +20,7 @@ from lrc.adapters import find_targets
 from lrc.budget import uniform_rank
 from lrc.cache import StatisticsCache
 from lrc.calibration import Calibration, EmbeddedText
+from lrc.compression import calibration_statistics
 from lrc.factorizers.asvd import ASVD
 from lrc.factorizers.feature_pca import FeaturePCA
 from lrc.factorizers.fwsvd import FWSVD
@@ -28,7 +29,6 @@ from lrc.factorizers.svd import PlainSVD
 from lrc.factorizers.svdllm import SVDLLM
 from lrc.models import from_gguf_package
 from lrc.paths import cache_root
-from lrc.pipeline import calibration_statistics
 from lrc.statistics import for_target
 
 FACTORIZERS = {"svd": PlainSVD, "asvd": ASVD, "fwsvd": FWSVD, "svdllm": SVDLLM, "feature_pca": FeaturePCA,

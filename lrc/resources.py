@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -40,3 +41,35 @@ def peak_device_bytes(device: torch.device) -> int | None:
 def reset_peak_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+class Stopwatch:
+    """Seconds per stage (``watch("calibration_s")`` laps add up) and each stage's peak host
+    and device memory (bytes, under ``memory["<stage>_peak_host"]`` / ``_peak_device``)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.timings: dict[str, float] = {}
+        self.memory: dict[str, int] = {}
+        self.device = device
+
+    def __call__(self, key: str):
+        watch = self
+        stage = key.removesuffix("_s")
+
+        class _Lap:
+            def __enter__(self):
+                reset_peak_host()
+                if watch.device is not None:
+                    reset_peak_device(watch.device)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                watch.timings[key] = watch.timings.get(key, 0.0) + time.perf_counter() - self.start
+                watch._peak(f"{stage}_peak_host", peak_host_bytes())
+                if watch.device is not None and (dev := peak_device_bytes(watch.device)) is not None:
+                    watch._peak(f"{stage}_peak_device", dev)
+
+        return _Lap()
+
+    def _peak(self, key: str, value: int) -> None:
+        self.memory[key] = max(self.memory.get(key, 0), value)

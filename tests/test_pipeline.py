@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from lrc import pipeline
+from lrc import compression, pipeline
 from lrc.allocators.energy import Energy
 from lrc.calibration import Calibration, EmbeddedText
 from lrc.evaluation import PerplexityBenchmark
@@ -22,7 +22,7 @@ def compress(tiny, tmp_path, allocator):
 
 def test_spectrum_allocators_give_the_same_result_when_decompositions_are_not_kept(tiny, tmp_path, monkeypatch):
     kept = compress(tiny, tmp_path, Energy())
-    monkeypatch.setattr(pipeline, "KEEP_DECOMPOSITIONS_BYTES", 0)  # decompose twice instead of holding them
+    monkeypatch.setattr(compression, "KEEP_DECOMPOSITIONS_BYTES", 0)  # decompose twice instead of holding them
     recomputed = compress(tiny, tmp_path, Energy())
     assert kept.ranks == recomputed.ranks
     assert kept.metrics == pytest.approx(recomputed.metrics, rel=1e-6)
