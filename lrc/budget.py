@@ -8,8 +8,8 @@ parameters; a rank whose factors would store m n or more is kept dense.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from lrc.errors import BudgetError, ConfigError
 
@@ -63,6 +63,14 @@ class Budget:
 
     shapes: Mapping[str, Shape]
     ratio: float
+    allowed: int | None = None  # an exact parameter allowance (a part of a larger budget); None: from ratio
+    whole: int | None = None  # parameters of the whole target set this budget is a part of; None: itself
+    # Parameters a matrix adds once factorized (feature_pca's output-mean bias on a linear without one).
+    extra: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def params_whole(self) -> int:
+        return self.whole if self.whole is not None else self.params_before
 
     @property
     def params_before(self) -> int:
@@ -71,15 +79,43 @@ class Budget:
     @property
     def params_allowed(self) -> int:
         """Most parameters the target linears may store after compression."""
+        if self.allowed is not None:
+            return self.allowed
         return math.floor((1.0 - self.ratio) * self.params_before)
+
+    def without(self, dense: Iterable[str]) -> Budget:
+        """The budget left to the other matrices when those named in ``dense`` stay dense.
+
+        Exact in parameters: the others may store ``params_allowed - sum(m n of dense)``, so a
+        plan for them plus the dense ones meets this budget exactly; their ``ratio`` is the
+        fraction of their own parameters they must lose, R' = 1 - allowed' / P'.
+        """
+        dense = set(dense)
+        rest = {name: shape for name, shape in self.shapes.items() if name not in dense}
+        kept = sum(m * n for name, (m, n) in self.shapes.items() if name in dense)
+        allowed = self.params_allowed - kept
+        floor = sum(m + n for m, n in rest.values())  # every other matrix at rank 1
+        if not rest or allowed < floor:
+            raise BudgetError(
+                f"keeping {len(dense)} matrices dense ({kept} parameters) leaves {allowed} of the "
+                f"{self.params_allowed} parameters allowed at ratio={self.ratio:g} to the other "
+                f"{len(rest)} matrices, which need at least {floor} (rank 1 each)")
+        before = sum(m * n for m, n in rest.values())
+        extra = {name: e for name, e in self.extra.items() if name in rest}
+        return Budget(rest, 1.0 - allowed / before, allowed, self.params_whole, extra)
 
     @property
     def slack(self) -> int:
         """How far under the budget a plan may land: one rank step per matrix."""
-        return sum(m + n for m, n in self.shapes.values())
+        return sum(m + n for m, n in self.shapes.values()) + sum(self.extra.values())
+
+    def stored(self, name: str, rank: int) -> int:
+        """Parameters matrix ``name`` stores at ``rank``, a factorization's added bias included."""
+        shape = self.shapes[name]
+        return stored_params(shape, rank) + (self.extra.get(name, 0) if is_low_rank(shape, rank) else 0)
 
     def params_after(self, plan: Mapping[str, int]) -> int:
-        return sum(stored_params(shape, plan[name]) for name, shape in self.shapes.items())
+        return sum(self.stored(name, plan[name]) for name in self.shapes)
 
     def removed_fraction(self, plan: Mapping[str, int]) -> float:
         return 1.0 - self.params_after(plan) / self.params_before

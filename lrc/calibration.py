@@ -5,6 +5,7 @@ Sources (each a small dataclass with ``text()`` / ``documents()`` and ``describe
 * :class:`EmbeddedText` - the public-domain corpus shipped in ``lrc/data`` (offline default),
   split by character position into disjoint calibration / validation / test parts;
 * :class:`TextFile` - a plain-text file, or every ``*.txt`` in a folder;
+* :class:`PythonDocs` - the Python Language Reference shipped with CPython (out-of-domain text);
 * :class:`HFDataset` - WikiText-2, C4, PTB ... through ``datasets`` (needs the hub; also
   reads local files in the same format with ``path=json`` / ``data_files=``).
 
@@ -121,6 +122,30 @@ class TextFile:
         files = self._files()
         return {"source": "textfile", "files": [str(f.resolve()) for f in files],
                 "sizes": [f.stat().st_size for f in files], "mtimes": [f.stat().st_mtime_ns for f in files]}
+
+
+@dataclass(frozen=True)
+class PythonDocs:
+    """The Python Language Reference topics that ship with every CPython (``pydoc_data.topics``).
+
+    Modern technical English of another genre than the embedded 1911 encyclopaedia, offline
+    wherever Python runs: lrc's out-of-domain text, never used for tuning. Topics in sorted
+    order, one document each (about 750 KB).
+    """
+
+    def documents(self) -> list[str]:
+        from pydoc_data.topics import topics
+
+        return [topics[key].strip() for key in sorted(topics)]
+
+    def text(self) -> str:
+        return "\n\n".join(self.documents())
+
+    def describe(self) -> dict[str, Any]:
+        import sys
+
+        digest = hashlib.sha256(self.text().encode()).hexdigest()[:16]
+        return {"source": "python_docs", "python": sys.version.split()[0], "sha256": digest}
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics
 from lrc.layerwise import LayerwiseCompressor, LayerwiseOptions, block_statistics_key, layerwise_forward
 from lrc.models import LoadedModel
 from lrc.resources import Stopwatch
-from lrc.scoring import PlanScorer
+from lrc.scoring import PlanScorer, ScoreMemo
 from lrc.statistics import collect_statistics, decoder_forward, for_target, sublayer_cosine
 from lrc.swap import apply_plan
 from lrc.tracking import Tracker
@@ -248,8 +248,12 @@ def _scorer(job: CompressionJob, decompositions: dict[str, Decomposition]) -> Pl
     validation = job.allocator.validation
     if validation is None:
         return None
-    return PlanScorer(job.loaded.model, job.targets, decompositions, job.held_out, job.budget,
-                      validation.batch_size, validation.kl_weight, job.tracker)
+    identity = {"model": job.loaded.identity, "calibration": job.calibration.describe(),
+                "factorizer": job.factorizer.describe(), "compressed_inputs": job.layerwise.compressed_inputs,
+                "protocol": 1}
+    memo = ScoreMemo(job.cache.root.parent / "scores" / f"{ScoreMemo.key(identity, job.held_out)}.json")
+    return PlanScorer(job.loaded.model, job.targets, decompositions, job.held_out, job.budget, validation,
+                      job.tracker, memo)
 
 
 def decompose_all(targets: list[TargetLinear], decompose: Callable[[str], Decomposition],

@@ -91,8 +91,12 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
     device = device or loaded.device
     watch, diagnostics = Stopwatch(device), {"mode": "layerwise" if layerwise.enabled else STATS_MODE}
     targets = find_targets(model)
-    budget = Budget({t.name: t.shape for t in targets}, ratio)
+    bias_before = {t.name: _bias_size(model.get_submodule(t.name)) for t in targets}
+    budget = Budget({t.name: t.shape for t in targets}, ratio,
+                    extra={t.name: factorizer.added_params(t.shape, bias_before[t.name] > 0) for t in targets})
     matrices = [MatrixInfo(t.name, t.shape, t.block, t.sublayer, t.kind) for t in targets]
+    diagnostics["shapes"] = {t.name: list(t.shape) for t in targets}  # the budget can be re-checked from the record
+    diagnostics["added_params"] = {name: e for name, e in budget.extra.items() if e}
     allocator.check(matrices, budget)  # before any heavy work
     kinds = frozenset(factorizer.needs | allocator.needs)
     home = loaded.blocks or ResidentBlocks()  # where blocks live between visits to the device
@@ -127,7 +131,7 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
                     max(damping.values()))
     diagnostics.update(truncation_error=errors, damping=damping)
 
-    target_after = sum(_stored(model.get_submodule(t.name)) for t in targets)
+    target_after = sum(_size(model.get_submodule(t.name)) - bias_before[t.name] for t in targets)
     if target_after != budget.params_after(plan):
         raise BudgetError(f"swapped modules store {target_after} parameters, the rank plan "
                           f"{budget.params_after(plan)}")
@@ -160,8 +164,14 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
                    timings=watch.timings, memory=watch.memory, diagnostics=diagnostics, trials=trials)
 
 
-def _stored(module: nn.Module) -> int:
-    return sum(p.numel() for n, p in module.named_parameters() if not n.endswith("bias"))
+def _size(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _bias_size(module: nn.Module) -> int:
+    """The bias a target linear had before compression (not part of the budget)."""
+    bias = getattr(module, "bias", None)
+    return bias.numel() if bias is not None else 0
 
 
 def _fmt(metrics: dict[str, float]) -> str:

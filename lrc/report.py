@@ -76,8 +76,10 @@ def _natural(path: Path) -> list:
 
 
 def method(record: dict[str, Any]) -> str:
+    """The published method's name (``method=`` preset), else "allocator x factorizer"."""
     cfg = record.get("config", {})
-    return f"{cfg.get('allocator', {}).get('name', '?')} x {cfg.get('factorizer', {}).get('name', '?')}"
+    return cfg.get("method_name") or (f"{cfg.get('allocator', {}).get('name', '?')} x "
+                                      f"{cfg.get('factorizer', {}).get('name', '?')}")
 
 
 def rows(records: list[dict[str, Any]], only: list[str] | None = None) -> tuple[list[str], list[list[Any]]]:
@@ -85,14 +87,15 @@ def rows(records: list[dict[str, Any]], only: list[str] | None = None) -> tuple[
     metrics whose name contains one of these strings."""
     metrics = sorted({m for r in records for m in r.get("metrics", {}) if not only or any(o in m for o in only)},
                      key=lambda m: (not m.startswith("ppl"), m))
-    header = ["allocator", "factorizer", "ratio", "removed", "status"]
+    header = ["method", "allocator", "factorizer", "ratio", "removed", "status"]
     for m in metrics:
         header += [m, f"dense {m}", "x dense"]
     header += ["total s", "run"]
     table = []
     for r in records:
         cfg = r.get("config", {})
-        row = [cfg.get("allocator", {}).get("name", "?"), cfg.get("factorizer", {}).get("name", "?"),
+        row = [cfg.get("method_name") or "-", cfg.get("allocator", {}).get("name", "?"),
+               cfg.get("factorizer", {}).get("name", "?"),
                cfg.get("ratio"), r.get("params", {}).get("removed_fraction"), r["status"]]
         for m in metrics:
             value, dense = r.get("metrics", {}).get(m), r.get("dense_metrics", {}).get(m)

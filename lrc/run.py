@@ -26,6 +26,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lrc.allocators.base import Allocator
+from lrc.allocators.keep_dense import KeepDense
 from lrc.budget import check_ratio
 from lrc.calibration import Calibration
 from lrc.checkpoint import save_compressed
@@ -96,6 +98,17 @@ def layerwise_options(cfg: DictConfig) -> LayerwiseOptions:
     return LayerwiseOptions(**spec)
 
 
+def build_allocator(node: DictConfig) -> Allocator:
+    """The allocator of ``node``; a non-empty ``keep_dense`` wraps it in :class:`KeepDense`."""
+    spec = OmegaConf.to_container(node, resolve=True)
+    keep = spec.pop("keep_dense", None) or []
+    what = f"allocator={spec.get('name')}"
+    if not isinstance(keep, list):
+        raise ConfigError(f"{what}: keep_dense={keep!r} must be a list of projection names, e.g. [v_proj]")
+    allocator = build(spec, what)
+    return KeepDense(allocator, keep) if keep else allocator
+
+
 def build_calibration(cfg: DictConfig) -> Calibration:
     node = cfg.calibration
     source = build(node.source, "calibration.source")
@@ -157,7 +170,7 @@ def prepare(cfg: DictConfig) -> Job:
     """Validate and build every part of the config (bad input fails here, before any heavy work)."""
     return Job(ratio=check_ratio(cfg.ratio),
                factorizer=build(cfg.factorizer, f"factorizer={cfg.get('factorizer', {}).get('name')}"),
-               allocator=build(cfg.allocator, f"allocator={cfg.get('allocator', {}).get('name')}"),
+               allocator=build_allocator(cfg.allocator),
                calibration=build_calibration(cfg), benchmarks=build_benchmarks(cfg),
                layerwise=layerwise_options(cfg), device=resolve_device(cfg.device))
 

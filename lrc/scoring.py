@@ -2,16 +2,25 @@
 
 The dense model's next-token log-probabilities are computed once; each candidate plan is
 swapped in (:func:`lrc.swap.plan_applied`), evaluated, and swapped out again. The score is
-the validation perplexity plus ``kl_weight`` times the reverse KL divergence
-KL(compressed || dense) = sum_v q_v (log q_v - log p_v), averaged over predicted tokens.
+built by :meth:`lrc.allocators.base.Validation.score` from the validation perplexity and the
+reverse KL divergence KL(compressed || dense) = sum_v q_v (log q_v - log p_v), taken at every
+position of every window (as Bolaco's lib/evaluator.py does) and averaged per token here.
 Every call is recorded as one trial (and logged to the tracker as it happens).
+
+A :class:`ScoreMemo` keeps the measured (ppl, KL) of every plan on disk, keyed by what
+determines them (model, statistics, factorizer, validation windows): a plan scored once is
+never evaluated again, by any run of a sweep (ASVD's sensitivity table is shared by every
+ratio) or by a re-run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrc.adapters import TargetLinear
-from lrc.allocators.base import Score
+from lrc.allocators.base import Score, Validation
 from lrc.budget import Budget
+from lrc.cache import atomic_write_json
 from lrc.errors import NumericalError
 from lrc.factorizers.base import Decomposition
 from lrc.statistics import batches
@@ -29,44 +39,85 @@ from lrc.tracking import Tracker
 
 
 def _logprobs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+    return F.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
+
+
+def plan_digest(plan: Mapping[str, int]) -> str:
+    return hashlib.sha256(json.dumps(sorted(plan.items())).encode()).hexdigest()[:24]
+
+
+class ScoreMemo:
+    """Measured (ppl, per-token KL) of plans, in one JSON file per scoring setup (atomic writes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.entries: dict[str, list[float]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+
+    @staticmethod
+    def key(identity: Mapping[str, Any], windows: torch.Tensor) -> str:
+        blob = json.dumps(identity, sort_keys=True, default=str).encode() + windows.numpy().tobytes()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def get(self, plan: Mapping[str, int]) -> tuple[float, float] | None:
+        found = self.entries.get(plan_digest(plan))
+        return (found[0], found[1]) if found else None
+
+    def put(self, plan: Mapping[str, int], ppl: float, kl: float) -> None:
+        self.entries[plan_digest(plan)] = [ppl, kl]
+        atomic_write_json(self.path, self.entries)
 
 
 class PlanScorer:
     """``scorer(plan, **info) -> Score``; ``scorer.trials`` holds one row per call."""
 
     def __init__(self, model: nn.Module, targets: list[TargetLinear], decompositions: Mapping[str, Decomposition],
-                 windows: torch.Tensor, budget: Budget, batch_size: int = 4, kl_weight: float = 1.0,
-                 tracker: Tracker | None = None) -> None:
+                 windows: torch.Tensor, budget: Budget, validation: Validation,
+                 tracker: Tracker | None = None, memo: ScoreMemo | None = None) -> None:
         self.model, self.targets, self.decompositions = model, targets, decompositions
-        self.budget, self.kl_weight, self.tracker = budget, float(kl_weight), tracker
+        self.budget, self.validation, self.tracker, self.memo = budget, validation, tracker, memo
         self.device = next(model.parameters()).device
-        self.batches = list(batches(windows, batch_size))
-        with torch.inference_mode():  # the dense reference, kept on the CPU between trials
-            self.dense = [_logprobs(model, b.to(self.device)).cpu() for b in self.batches]
+        self.batches = list(batches(windows, validation.batch_size))
+        self.dense: list[torch.Tensor] | None = None  # the dense reference, computed on first need
         self.trials: list[dict[str, Any]] = []
 
+    def reference(self) -> None:
+        """The dense model's log-probabilities on the validation windows, kept on the CPU."""
+        if self.dense is None:
+            with torch.inference_mode():
+                self.dense = [_logprobs(self.model, b.to(self.device)).cpu() for b in self.batches]
+
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
-        """(perplexity, mean reverse KL to the dense model) of ``model`` on the validation windows."""
-        nll, kl, count = 0.0, 0.0, 0
+        """(perplexity, reverse KL to the dense model per position) of ``model`` on the validation windows
+        (the dense reference must be computed first: :meth:`reference`)."""
+        assert self.dense is not None, "PlanScorer.reference() runs before a plan is swapped in"
+        nll, kl, predicted, positions = 0.0, 0.0, 0, 0
         with torch.inference_mode():
             for batch, dense in zip(self.batches, self.dense, strict=True):
                 batch = batch.to(self.device)
                 logq = _logprobs(model, batch)
                 logp = dense.to(self.device)
-                nll -= float(logq.gather(-1, batch[:, 1:, None]).sum(dtype=torch.float64))
+                nll -= float(logq[:, :-1].gather(-1, batch[:, 1:, None]).sum(dtype=torch.float64))
                 kl += float((logq.exp() * (logq - logp)).sum(dtype=torch.float64))
-                count += batch[:, 1:].numel()
-        if not math.isfinite(nll):
+                predicted += batch[:, 1:].numel()
+                positions += batch.numel()
+        if not math.isfinite(nll) or not math.isfinite(kl):
             raise NumericalError("validation loss of a candidate plan is not finite")
-        return math.exp(min(nll / count, 700.0)), kl / count
+        return math.exp(min(nll / predicted, 700.0)), kl / positions
 
     def __call__(self, plan: Mapping[str, int], **info: Any) -> Score:
         start = time.perf_counter()
-        with plan_applied(self.model, self.targets, plan, self.decompositions) as model:
-            ppl, kl = self.evaluate(model)
-        score = Score(objective=ppl + self.kl_weight * kl, ppl=ppl, kl=kl)
-        row = {"trial": len(self.trials), **info, "objective": score.objective, "ppl": ppl, "kl": kl,
+        measured = self.memo.get(plan) if self.memo is not None else None
+        if measured is None:
+            self.reference()
+            with plan_applied(self.model, self.targets, plan, self.decompositions) as model:
+                measured = self.evaluate(model)
+            if self.memo is not None:
+                self.memo.put(plan, *measured)
+        score = self.validation.score(*measured)
+        row = {"trial": len(self.trials), **info, "objective": score.objective, "ppl": score.ppl, "kl": score.kl,
                "removed_fraction": self.budget.removed_fraction(plan), "seconds": time.perf_counter() - start}
         self.trials.append(row)
         if self.tracker is not None:

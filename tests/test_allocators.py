@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from lrc.allocators.base import AllocationContext, MatrixInfo, Score
-from lrc.allocators.bayes import Bayes
+from lrc.allocators.asvd_search import ASVDSensitivity, kept_rank
+from lrc.allocators.bayes import Bayes, window_rank
 from lrc.allocators.energy import Energy
 from lrc.allocators.fitting import energy_curve, meet_budget, project_ratios, ratio_priority
+from lrc.allocators.keep_dense import KeepDense
 from lrc.allocators.mgaa import MGAA
 from lrc.allocators.ressvd_plc import ResSVDPLC
 from lrc.allocators.uniform import Uniform
@@ -59,6 +61,17 @@ ALLOCATORS = {
     "bayes": (lambda: Bayes(n_trials=6, startup_trials=3, sampler="tpe"),
               lambda mats, gen: AllocationContext(score=lost_energy(mats))),
     "ressvd_plc": (ResSVDPLC, lambda mats, gen: AllocationContext(score=lost_energy(mats))),
+    "asvd": (lambda: ASVDSensitivity(candidates=[0.1, 0.3, 0.5, 0.7, 0.9]),
+             lambda mats, gen: AllocationContext(score=lost_energy(mats))),
+    "bayes_window": (lambda: Bayes(n_trials=6, startup_trials=2, sampler="tpe", budget="window", rank_multiple=8,
+                                   min_ratio=-0.001, max_ratio=0.95),
+                     lambda mats, gen: AllocationContext(score=lost_energy(mats))),
+    "keep_dense_mgaa": (lambda: KeepDense(MGAA(), ["v_proj"]),
+                        lambda mats, gen: AllocationContext(sublayer_cosine=cosines(mats, gen))),
+    "keep_dense_bayes": (lambda: KeepDense(Bayes(n_trials=4, startup_trials=2, sampler="tpe",
+                                                 groups=[["q_proj", "k_proj"], ["o_proj"], ["gate_proj", "up_proj"],
+                                                         ["down_proj"]]), ["v_proj"]),
+                         lambda mats, gen: AllocationContext(score=lost_energy(mats))),
 }
 
 
@@ -315,3 +328,116 @@ def test_bayes_unknown_group_name_is_caught_before_heavy_work(rng):
         Bayes(groups=[["qkv_proj"], ["o_proj"]]).check(mats, budget)
     with pytest.raises(ConfigError, match=r"projections \['down_proj'\] are in no group"):
         Bayes(groups=[["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj"]]).check(mats, budget)
+
+
+# ---------------------------------------------------------------- keep_dense
+
+@pytest.mark.parametrize("inner", [Uniform, Energy, lambda: ResSVDPLC(k=5)])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_keep_dense_leaves_projections_dense_and_meets_the_budget_exactly(inner, ratio, rng):
+    mats = matrices(rng)
+    budget = Budget({m.name: m.shape for m in mats}, ratio)
+    allocator = KeepDense(inner(), ["v_proj", "o_proj"])
+    allocator.check(mats, budget)
+    plan = allocator.allocate(mats, budget, AllocationContext(score=lost_energy(mats)))
+    check_plan(plan, budget)
+    assert all(plan[m.name] == min(m.shape) for m in mats if m.kind in ("v_proj", "o_proj"))
+    # the others carry the whole removal: exactly what the budget allows minus the dense matrices
+    others = sum(budget.stored(m.name, plan[m.name]) for m in mats if m.kind not in ("v_proj", "o_proj"))
+    dense = sum(m.shape[0] * m.shape[1] for m in mats if m.kind in ("v_proj", "o_proj"))
+    assert 0 <= budget.params_allowed - dense - others < budget.slack
+    assert allocator.report["others_ratio"] > ratio
+
+
+def test_keep_dense_errors_name_the_numbers(rng):
+    mats = matrices(rng)
+    budget = Budget({m.name: m.shape for m in mats}, 0.8)
+    with pytest.raises(BudgetError, match=r"keep_dense=\['gate_proj', 'up_proj', 'down_proj'\].*leaves -?\d+ of the "
+                                          r"\d+ parameters allowed at ratio=0.8"):
+        KeepDense(Uniform(), ["gate_proj", "up_proj", "down_proj"]).check(mats, budget)
+    with pytest.raises(ConfigError, match=r"keep_dense: unknown projection\(s\) \['wv'\]"):
+        KeepDense(Uniform(), ["wv"]).check(mats, budget)
+    with pytest.raises(ConfigError, match=r"must lose 0.8\d+ of their parameters; mgaa: ratio=0.8\d+ is outside"):
+        KeepDense(MGAA(max_ratio=0.8), ["v_proj"]).check(mats, budget)
+
+
+def test_budget_counts_the_bias_a_factorization_adds(rng):
+    """feature_pca adds an m-vector bias to a linear without one: it is stored, so it is budgeted."""
+    mats = matrices(rng)
+    shapes = {m.name: m.shape for m in mats}
+    budget = Budget(shapes, 0.3, extra={name: shape[0] for name, shape in shapes.items()})
+    for name in ALLOCATORS:
+        make, context = ALLOCATORS[name]
+        plan = make().allocate(mats, budget, context(mats, torch.Generator().manual_seed(0)))
+        check_plan(plan, budget)
+        with_bias = sum(stored_params(shapes[n], r) + (shapes[n][0] if r < min(shapes[n]) else 0)
+                        for n, r in plan.items())
+        assert with_bias <= budget.params_allowed, name
+
+
+# ---------------------------------------------------------------- asvd
+
+def test_asvd_search_compresses_the_less_sensitive_matrix_more():
+    """Two equal matrices; compressing A hurts far more than compressing B at every kept fraction."""
+    shape = (64, 64)
+    mats = [MatrixInfo("A", shape, 0, "attn", "q_proj"), MatrixInfo("B", shape, 0, "attn", "o_proj")]
+    sensitivity = {"A": lambda kept: 100 - 90 * kept, "B": lambda kept: 12 - 2 * kept}
+    calls = []
+
+    def score(plan, **info):
+        compressed = [n for n in plan if plan[n] < 64]
+        assert len(compressed) <= 1  # one matrix at a time, the other dense
+        calls.append(info)
+        ppl = 10.0 if not compressed else sensitivity[compressed[0]](info["kept"])
+        return Score(objective=ppl, ppl=ppl, kl=0.0)
+
+    budget = Budget({"A": shape, "B": shape}, 0.3)
+    allocator = ASVDSensitivity(candidates=[0.2, 0.4, 0.6, 0.8])
+    plan = allocator.allocate(mats, budget, AllocationContext(score=score))
+    check_plan(plan, budget)
+    assert len(calls) == 8 and {c["matrix"] for c in calls} == {"A", "B"}
+    assert plan["B"] < plan["A"]
+    assert plan["B"] <= kept_rank(shape, 0.4)  # B takes (at least) the removal A avoids
+    assert allocator.report["sensitivity"]["A"]["0.2"] == pytest.approx(82.0)
+
+
+def test_asvd_search_unreachable_budget_is_a_clear_error(rng):
+    mats = matrices(rng)
+    with pytest.raises(ConfigError, match=r"smallest candidate kept fraction 0.4 .* ratio=0.8; add smaller"):
+        ASVDSensitivity().allocate(mats, Budget({m.name: m.shape for m in mats}, 0.8),
+                                   AllocationContext(score=lost_energy(mats)))
+
+
+# ---------------------------------------------------------------- bayes as released (budget window)
+
+def test_window_rank_is_bolacos_rounding():
+    """prune_bbo.py L198-200: ceil(kept m n / (m + n)) floored to a multiple of 8."""
+    assert window_rank((4096, 4096), 0.5, 8) == 1024
+    assert window_rank((4096, 4096), 0.2, 8) == 1632
+    assert window_rank((4096, 11008), 0.2, 8) == 2384
+    assert window_rank((96, 96), -0.001, 8) == 96  # kept >= 1: dense
+
+
+def test_bayes_window_scores_only_candidates_inside_the_window(rng):
+    mats = matrices(rng)
+    budget = Budget({m.name: m.shape for m in mats}, 0.3)
+    removed = []
+
+    def score(plan, **info):
+        if info["trial"] != "final":
+            ratios = {k.removeprefix("ratio/"): v for k, v in info.items() if k.startswith("ratio/")}
+            removed.append(sum(ratios[allocator.group_of(mats)[m.name]] * m.shape[0] * m.shape[1] for m in mats)
+                           / budget.params_before)
+        return lost_energy(mats)(plan)
+
+    start = {"q+k": 0.5, "v": 0.3, "o": 0.5, "gate": 0.3, "up": 0.3, "down": 0.3}
+    allocator = Bayes(n_trials=8, startup_trials=2, sampler="gp", budget="window", window=0.1, start=start,
+                      min_ratio=-0.001, max_ratio=0.8, rank_multiple=8)
+    plan = allocator.allocate(mats, budget, AllocationContext(score=score))
+    check_plan(plan, budget)  # the best trial's plan, fitted to the budget exactly
+    assert len(removed) == 8 and all(0.3 - 1e-9 <= r <= 0.4 + 1e-9 for r in removed)
+    assert removed[0] == pytest.approx(sum(start[allocator.group_of(mats)[m.name]] * m.shape[0] * m.shape[1]
+                                           for m in mats) / budget.params_before)
+    report = allocator.report
+    assert report["rejected"] >= 0 and 0.3 - 0.02 <= report["best_trial_removed"] <= 0.4 + 0.02
+    assert "final_objective" in report

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from lrc.adapters import find_targets
+from lrc.allocators.base import Validation
 from lrc.budget import Budget, uniform_rank
 from lrc.evaluation import perplexity
 from lrc.factorizers.svd import PlainSVD
 from lrc.layers import LowRankLinear
-from lrc.scoring import PlanScorer
+from lrc.scoring import PlanScorer, ScoreMemo
 from lrc.swap import apply_plan, plan_applied
 
 
@@ -27,7 +28,7 @@ def setup(tiny):
 
 def test_dense_plan_scores_the_dense_model(setup):
     model, targets, decs, windows, budget = setup
-    scorer = PlanScorer(model, targets, decs, windows, budget, batch_size=2, kl_weight=1.0)
+    scorer = PlanScorer(model, targets, decs, windows, budget, Validation(seqlen=32, batch_size=2, kl_weight=1.0))
     dense_plan = {t.name: min(t.shape) for t in targets}
     score = scorer(dense_plan, trial=0)
     assert score.kl == pytest.approx(0.0, abs=1e-6)
@@ -39,14 +40,15 @@ def test_scored_plan_equals_the_permanently_applied_plan_and_is_undone(setup):
     model, targets, decs, windows, budget = setup
     before = model(input_ids=windows).logits.detach()
     plan = {t.name: uniform_rank(t.shape, 0.4) for t in targets}
-    scorer = PlanScorer(model, targets, decs, windows, budget, batch_size=2, kl_weight=0.5)
+    scorer = PlanScorer(model, targets, decs, windows, budget, Validation(seqlen=32, batch_size=2, kl_weight=0.5))
     score = scorer(plan, trial=3, note="x")
     assert score.kl > 0 and score.objective == pytest.approx(score.ppl + 0.5 * score.kl)
     # restored: plain linears again, same outputs
     assert all(type(model.get_submodule(t.name)) is nn.Linear for t in targets)
     torch.testing.assert_close(model(input_ids=windows).logits, before)
     row = scorer.trials[0]
-    assert row["trial"] == 3 and row["note"] == "x"  # the allocator numbers its trials and row["ppl"] == score.ppl
+    assert row["trial"] == 3 and row["note"] == "x"  # the allocator numbers its trials
+    assert row["ppl"] == score.ppl
     assert row["removed_fraction"] == pytest.approx(budget.removed_fraction(plan))
 
     compressed = copy.deepcopy(model)
@@ -62,3 +64,40 @@ def test_plan_applied_restores_the_model_after_an_error(setup):
         assert isinstance(model.get_submodule(targets[0].name), LowRankLinear)
         raise RuntimeError("boom")
     assert all(type(model.get_submodule(t.name)) is nn.Linear for t in targets)
+
+
+def test_bolaco_objective_equals_an_independent_computation(setup):
+    """Bolaco's lib/evaluator.py: ppl + 1e-3 * mean over windows of kl_div(log p_dense, p_compressed,
+    'batchmean') on one window at a time (KL summed over every position and the vocabulary)."""
+    model, targets, decs, windows, budget = setup
+    plan = {t.name: uniform_rank(t.shape, 0.4) for t in targets}
+    with torch.no_grad():
+        dense_logits = model(input_ids=windows).logits.double()
+        compressed = copy.deepcopy(model)
+        apply_plan(compressed, targets, plan, lambda n: decs[n], dict(decs))
+        logits = compressed(input_ids=windows).logits.double()
+    kls = [torch.nn.functional.kl_div(torch.log_softmax(dense_logits[i:i + 1], -1), torch.softmax(logits[i:i + 1], -1),
+                                      reduction="batchmean") for i in range(windows.shape[0])]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    expected_kl = float(torch.stack(kls).mean())
+    expected = float(nll.exp()) + 1e-3 * expected_kl
+    validation = Validation(seqlen=windows.shape[1], batch_size=2, kl_weight=1e-3, kl_reduction="window_sum")
+    score = PlanScorer(model, targets, decs, windows, budget, validation)(plan)
+    assert score.kl == pytest.approx(expected_kl, rel=1e-4)
+    assert score.objective == pytest.approx(expected, rel=1e-5)
+    log_score = PlanScorer(model, targets, decs, windows, budget,
+                           Validation(seqlen=windows.shape[1], batch_size=2, objective="log_ppl"))(plan)
+    assert log_score.objective == pytest.approx(float(nll) + log_score.kl, rel=1e-5)
+
+
+def test_score_memo_never_evaluates_a_plan_twice(setup, tmp_path, monkeypatch):
+    model, targets, decs, windows, budget = setup
+    plan = {t.name: uniform_rank(t.shape, 0.4) for t in targets}
+    validation = Validation(seqlen=32, batch_size=2)
+    first = PlanScorer(model, targets, decs, windows, budget, validation, memo=ScoreMemo(tmp_path / "m.json"))(plan)
+    again = PlanScorer(model, targets, decs, windows, budget, validation, memo=ScoreMemo(tmp_path / "m.json"))
+    monkeypatch.setattr(again, "evaluate", lambda model: pytest.fail("a memoised plan was evaluated again"))
+    assert again(plan) == first
+    other = dict(plan, **{targets[0].name: 1})
+    with pytest.raises(pytest.fail.Exception):
+        again(other)  # a new plan is evaluated

@@ -17,6 +17,7 @@ What an allocator declares, so the pipeline prepares only that:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,27 +48,39 @@ class MatrixInfo:
 class Score:
     """A candidate plan evaluated on the validation windows (lower is better)."""
 
-    objective: float  # ppl + kl_weight * kl
+    objective: float  # ppl (or log ppl) + kl_weight * kl, see Validation
     ppl: float
-    kl: float  # reverse KL(compressed || dense), mean per token
+    kl: float  # reverse KL(compressed || dense), reduced as Validation.kl_reduction says
 
 
 # score(plan, **trial_info) -> Score; trial_info is logged with the trial (e.g. its group ratios).
 ScoreFn = Callable[..., Score]
+KL_REDUCTIONS = ("token_mean", "window_sum")
+OBJECTIVES = ("ppl", "log_ppl")
 
 
 @dataclass(frozen=True)
 class Validation:
-    """The held-out validation subset a search-based allocator scores plans on.
+    """The held-out validation subset a search-based allocator scores plans on, and the objective.
 
     Drawn from the calibration config's validation text (or held-out windows of the
-    calibration text), never from benchmark text.
+    calibration text), never from benchmark text. The objective of a plan is
+
+        objective = f(ppl) + kl_weight * KL(compressed || dense),   f = identity (``ppl``) or log (``log_ppl``)
+
+    with the KL summed over the vocabulary at every position of a window, then either
+    averaged over all positions (``token_mean``, lrc's default) or summed over a window's
+    positions and averaged over windows (``window_sum``: Bolaco's ``kl_div(..., 'batchmean')``
+    on one window at a time, lib/evaluator.py). ``log_ppl`` keeps one catastrophic candidate
+    (ppl in the thousands) from dominating the Gaussian process fitted to the objectives.
     """
 
     nsamples: int = 8
     seqlen: int = 256
     batch_size: int = 4
-    kl_weight: float = 1.0  # objective = ppl + kl_weight * reverse KL
+    kl_weight: float = 1.0
+    kl_reduction: str = "token_mean"
+    objective: str = "ppl"
 
     def __post_init__(self) -> None:
         for key in ("nsamples", "batch_size"):
@@ -78,6 +91,16 @@ class Validation:
             raise ConfigError(f"validation.seqlen={self.seqlen!r} must be an integer >= 2")
         if not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
             raise ConfigError(f"validation.kl_weight={self.kl_weight!r} must be a number >= 0")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ConfigError(f"validation.kl_reduction={self.kl_reduction!r} is not one of {KL_REDUCTIONS}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"validation.objective={self.objective!r} is not one of {OBJECTIVES}")
+
+    def score(self, ppl: float, kl_token_mean: float) -> Score:
+        """The Score of a plan from its perplexity and its per-token mean reverse KL."""
+        kl = kl_token_mean * self.seqlen if self.kl_reduction == "window_sum" else kl_token_mean
+        base = math.log(ppl) if self.objective == "log_ppl" else ppl
+        return Score(objective=base + self.kl_weight * kl, ppl=ppl, kl=kl)
 
     @classmethod
     def build(cls, options: Mapping[str, Any] | Validation | None) -> Validation:

@@ -46,12 +46,12 @@ def step_down(shape: Shape, rank: int) -> int | None:
 
 
 def meet_budget(plan: Mapping[str, int], budget: Budget, priority: Priority,
-                adjustable: Iterable[str] | None = None) -> RankPlan:
+                adjustable: Iterable[str] | None = None, top_up: bool = True) -> RankPlan:
     """Adjust ``plan`` one rank step at a time until it meets ``budget`` exactly.
 
     Over the budget: step down the adjustable matrix with the LOWEST priority until it fits.
-    Then, while a step fits in what is left, step up the one with the HIGHEST priority, so
-    the plan ends under the budget by less than the cheapest remaining step.
+    Then (``top_up``), while a step fits in what is left, step up the one with the HIGHEST
+    priority, so the plan ends under the budget by less than the cheapest remaining step.
     """
     plan = {name: canonical_rank(budget.shapes[name], r) for name, r in plan.items()}
     names = list(budget.shapes) if adjustable is None else list(adjustable)
@@ -63,25 +63,23 @@ def meet_budget(plan: Mapping[str, int], budget: Budget, priority: Priority,
             raise BudgetError(f"cannot meet the budget of {allowed} parameters: every adjustable matrix "
                               f"is at rank 1 and the plan still stores {used}")
         name = min(options, key=lambda n: (priority(n, plan), n))
-        used += _move(plan, budget.shapes[name], name, step_down(budget.shapes[name], plan[name]))
+        used += _move(plan, budget, name, step_down(budget.shapes[name], plan[name]))
+    if not top_up:
+        return plan
     while True:
         options = []
         for n in names:
             nxt = step_up(budget.shapes[n], plan[n])
-            if nxt is not None and used + _cost(budget.shapes[n], plan[n], nxt) <= allowed:
+            if nxt is not None and used + budget.stored(n, nxt) - budget.stored(n, plan[n]) <= allowed:
                 options.append(n)
         if not options:
             return plan
         name = max(options, key=lambda n: (priority(n, plan), n))
-        used += _move(plan, budget.shapes[name], name, step_up(budget.shapes[name], plan[name]))
+        used += _move(plan, budget, name, step_up(budget.shapes[name], plan[name]))
 
 
-def _cost(shape: Shape, rank: int, new: int) -> int:
-    return stored_params(shape, new) - stored_params(shape, rank)
-
-
-def _move(plan: dict[str, int], shape: Shape, name: str, new: int) -> int:
-    delta = _cost(shape, plan[name], new)
+def _move(plan: dict[str, int], budget: Budget, name: str, new: int) -> int:
+    delta = budget.stored(name, new) - budget.stored(name, plan[name])
     plan[name] = new
     return delta
 

@@ -29,6 +29,10 @@ class ResSVDPLC(Allocator):
             raise ConfigError(f"k={k!r} must be a positive integer or {SEARCH!r}")
         if candidates is not None and (not candidates or any(not isinstance(c, int) or c < 1 for c in candidates)):
             raise ConfigError(f"candidates={candidates!r} must be a non-empty list of positive integers")
+        ignored = sorted(set(dict(validation or {})) & {"kl_weight", "kl_reduction", "objective"})
+        if ignored and not isinstance(validation, Validation):
+            raise ConfigError(f"ressvd_plc chooses k by validation perplexity alone; validation options {ignored} "
+                              "would not be used")
         self.k, self.candidates = k, (sorted(set(candidates)) if candidates else None)
         self.validation = Validation.build(validation) if k == SEARCH else None
 

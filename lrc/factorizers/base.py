@@ -117,6 +117,10 @@ class Factorizer(ABC):
     def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None) -> Decomposition:
         """Decompose ``weight`` (m x n) once; truncate later with ``Decomposition.factors``."""
 
+    def added_params(self, shape: tuple[int, int], has_bias: bool) -> int:
+        """Parameters a factorized ``shape`` matrix stores beyond its two factors (counted in the budget)."""
+        return 0
+
     def describe(self) -> dict[str, Any]:
         """Plain-data identity of this factorizer and its options."""
         return {"name": type(self).__name__, **{k: str(v) for k, v in vars(self).items()}}

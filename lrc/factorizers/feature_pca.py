@@ -32,6 +32,10 @@ class FeaturePCA(Factorizer):
     def needs(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset({f"pooled_cov:{self.groups}", "mean"} if self.pooled else {"gram", "mean"})
 
+    def added_params(self, shape: tuple[int, int], has_bias: bool) -> int:
+        """The output-mean bias: m new parameters on a linear without a bias (else folded into it)."""
+        return 0 if has_bias else shape[0]
+
     def input_covariance(self, stats: InputStatistics | None, n: int) -> torch.Tensor:
         if self.pooled:
             return require(stats, "pooled_cov", n, "feature_pca")

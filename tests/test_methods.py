@@ -1,0 +1,62 @@
+"""The `method` presets: each published method composes and runs end to end on tiny-random."""
+
+import pytest
+from conftest import CONF, compose
+from test_run import TINY
+
+from lrc.budget import Budget, check_plan
+from lrc.report import method, rows
+from lrc.run import run
+
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+SMALL_SEARCH = ["trials=4", "allocator.validation.nsamples=2", "allocator.validation.seqlen=64",
+                "allocator.validation.batch_size=2"]
+ARGS = {"asvd": ["allocator.validation.nsamples=1", "allocator.validation.seqlen=64"],
+        "bolaco": [*SMALL_SEARCH, "allocator.startup_trials=1"],
+        "bolaco_lrc": [*SMALL_SEARCH, "allocator.startup_trials=2"],
+        "ressvd": ["allocator.validation.nsamples=2", "allocator.validation.seqlen=64"]}
+EXPECTED = {"svd": ("uniform", "svd"), "asvd": ("asvd", "asvd"), "fwsvd": ("uniform", "fwsvd"),
+            "svdllm": ("uniform", "svdllm"), "bolaco": ("bayes", "feature_pca"),
+            "bolaco_lrc": ("bayes", "feature_pca"), "mgaa": ("mgaa", "svdllm"), "ressvd": ("ressvd_plc", "ressvd")}
+
+
+def test_the_published_methods_are_all_there():
+    assert set(EXPECTED) <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_runs_end_to_end(name, tmp_path):
+    record = run(compose([*TINY, f"method={name}", "ratio=0.3", *ARGS.get(name, [])]), tmp_path)
+    assert record["status"] == "done"
+    cfg = record["config"]
+    assert cfg["method_name"] == name and method(record) == name
+    assert (cfg["allocator"]["name"], cfg["factorizer"]["name"]) == EXPECTED[name]
+    shapes = {name_: tuple(shape) for name_, shape in record["diagnostics"]["shapes"].items()}
+    check_plan(record["ranks"], Budget(shapes, 0.3, extra=record["diagnostics"]["added_params"]))
+    header, table = rows([record])
+    assert header[0] == "method" and table[0][0] == name
+
+
+def test_bolaco_keeps_v_dense_counts_its_biases_and_reports_both_removals(tmp_path):
+    record = run(compose([*TINY, "method=bolaco", "ratio=0.3", *ARGS["bolaco"]]), tmp_path)
+    shapes = record["diagnostics"]["shapes"]
+    assert all(rank == min(shapes[n]) for n, rank in record["ranks"].items() if n.endswith("v_proj"))
+    assert all(rank < min(shapes[n]) for n, rank in record["ranks"].items() if n.endswith("q_proj"))
+    # feature_pca adds an output-mean bias to every factorized linear: part of the stored parameters
+    params = record["params"]
+    assert params["target_after"] <= (1 - 0.3) * params["target_before"]
+    assert record["diagnostics"]["added_params"]["model.layers.0.self_attn.q_proj"] == 64
+    allocation = record["diagnostics"]["allocation"]
+    assert allocation["budget"] == "window" and allocation["keep_dense"] == ["v_proj"]
+    # the window holds for the continuous ratios; rounding ranks down to multiples of 8 only removes more
+    assert allocation["best_trial_removed"] >= 0.3 - 1e-9
+    scored = [t for t in record["trials"] if t["trial"] != "final"]
+    assert len(scored) == 4 and record["trials"][-1]["trial"] == "final"
+
+
+def test_command_line_overrides_go_on_top_of_a_method(tmp_path):
+    cfg = compose([*TINY, "method=bolaco", "allocator=mgaa"])
+    assert cfg.allocator.name == "mgaa" and cfg.factorizer.name == "feature_pca"
+    cfg = compose([*TINY, "method=bolaco", "allocator.n_trials=7", "allocator.validation.objective=log_ppl"])
+    assert cfg.allocator.n_trials == 7 and cfg.allocator.validation.objective == "log_ppl"
+    assert list(cfg.allocator.keep_dense) == ["v_proj"]
