@@ -154,8 +154,8 @@ def compress_and_evaluate(loaded: LoadedModel, factorizer: Factorizer, allocator
                           [[t.name, t.block, t.kind, t.shape[0], t.shape[1], plan[t.name], errors.get(t.name)]
                            for t in targets])
         tracker.log_figure("ranks_per_layer", ranks_per_layer(plan, f"ranks per layer at ratio {ratio:g}"))
-        for bench in benchmarks:
-            for key, (columns, rows) in getattr(bench, "tables", dict)().items():
+        for source in (*benchmarks, allocator):
+            for key, (columns, rows) in getattr(source, "tables", dict)().items():
                 tracker.log_table(key, columns, rows)
         if trials:
             columns = trial_columns(trials)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lrc.allocators.base import AllocationContext, MatrixInfo, Score
 from lrc.allocators.asvd_search import ASVDSensitivity, kept_rank
+from lrc.allocators.base import AllocationContext, MatrixInfo, Score
 from lrc.allocators.bayes import Bayes, window_rank
 from lrc.allocators.energy import Energy
 from lrc.allocators.fitting import energy_curve, meet_budget, project_ratios, ratio_priority

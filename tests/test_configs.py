@@ -8,7 +8,8 @@ from conftest import CONF, compose
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
-from lrc.run import build, build_benchmarks, build_calibration
+from lrc.allocators.keep_dense import KeepDense
+from lrc.run import build, build_allocator, build_benchmarks, build_calibration
 
 GROUPS = ["model", "calibration", "allocator", "factorizer", "benchmark", "logger"]
 REQUIRED = {("calibration", "textfile"): ["calibration.path=/tmp/x.txt"],
@@ -41,7 +42,8 @@ def test_config_composes_and_targets_bind(group, option):
     OmegaConf.to_container(cfg[group], resolve=group != "logger")  # every interpolation resolves
     for path, node in targets_in(cfg[group], group):
         target = get_method(node._target_)
-        kwargs = {k: v for k, v in node.items() if not k.startswith("_") and k != "name"}
+        consumed = {"name", "keep_dense"} if path == "allocator" else {"name"}  # read by lrc.run, not passed on
+        kwargs = {k: v for k, v in node.items() if not k.startswith("_") and k not in consumed}
         if path in ("model", "calibration.source", "benchmark") or path.endswith(".source"):
             kwargs = OmegaConf.to_container(OmegaConf.create(kwargs), resolve=True)
         signature = inspect.signature(target)
@@ -59,7 +61,11 @@ def test_factorizers_instantiate(option):
 @pytest.mark.parametrize("option", options("allocator"))
 def test_allocators_instantiate(option):
     cfg = compose([f"allocator={option}"])
-    assert hasattr(build(cfg.allocator, "allocator"), "allocate")
+    allocator = build_allocator(cfg.allocator)
+    assert type(allocator).__module__ == f"lrc.allocators.{cfg.allocator._target_.split('.')[2]}"
+    wrapped = build_allocator(compose([f"allocator={option}", "allocator.keep_dense=[v_proj]"]).allocator)
+    assert isinstance(wrapped, KeepDense) and wrapped.kinds == ("v_proj",)
+    assert type(wrapped.inner) is type(allocator)
 
 
 @pytest.mark.parametrize("option", options("calibration"))
@@ -107,10 +113,17 @@ def _hydra_cfg(overrides):
 def test_experiments_are_named_resumable_sweeps(experiment):
     cfg = _hydra_cfg([f"experiment={experiment}"])
     params = cfg.hydra.sweeper.params
-    assert set(params.allocator.split(",")) == {"uniform", "mgaa", "bayes", "ressvd_plc"}
-    assert params.ratio.split(",") == ["0.2", "0.4", "0.6"]
     assert cfg.hydra.sweep.dir == f"outputs/multirun/experiment/{experiment}"  # fixed: a re-run resumes
-    assert cfg.factorizer.name == "svdllm" and cfg.benchmark.zeroshot.tasks
+    assert params.ratio and all(0 < float(r) < 1 for r in params.ratio.split(","))
+    group = "method" if "method" in params else "allocator"
+    for choice in params[group].split(","):  # every swept choice composes with the experiment
+        job = _hydra_cfg([f"experiment={experiment}", f"{group}={choice}"])
+        assert job.allocator.name and job.factorizer.name
+    if group == "allocator":
+        assert set(params.allocator.split(",")) == {"uniform", "mgaa", "bayes", "ressvd_plc"}
+        assert cfg.factorizer.name == "svdllm" and cfg.benchmark.zeroshot.tasks
+    else:
+        assert cfg.benchmark.name == "ppl_ood"  # in-domain and out-of-domain perplexity side by side
 
 
 def test_launchers_select_the_submitit_plugin():

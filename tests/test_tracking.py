@@ -76,3 +76,18 @@ def test_sweep_runs_share_a_wandb_group_and_are_named_by_overrides(tmp_path):
     assert groups == {str(tmp_path / "sweep")}
     assert len(names) == 2 and {n.rsplit(",", 1)[-1] for n in names} == {"ratio=0.2", "ratio=0.4"}
     assert all("model=tiny-random" in n for n in names)  # the run name is the job's overrides
+
+
+def test_wandb_gets_the_asvd_sensitivity_table_and_the_method_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    record = run(compose([*TINY, "logger=wandb", "ratio=0.3", "method=asvd", "allocator.validation.seqlen=64"]),
+                 tmp_path)
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    table = json.loads(next((run_dir / "files" / "media" / "table").glob("asvd_sensitivity_*.table.json"))
+                       .read_text())
+    sensitivity = record["diagnostics"]["allocation"]["sensitivity"]
+    assert len(table["data"]) == len(sensitivity) == 14
+    row = table["data"][0]
+    assert row[1:7] == [sensitivity[row[0]][c] for c in ("0.4", "0.5", "0.6", "0.7", "0.8", "0.9")]
+    run_record = next(r for r in records(run_dir) if r.get("type") == "run")
+    assert "method_name" in json.dumps(run_record) and "asvd" in json.dumps(run_record)

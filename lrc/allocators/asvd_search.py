@@ -94,6 +94,12 @@ class ASVDSensitivity(Allocator):
         kept = self.kept_at(ordered, lo)
         return {m.name: kept.get(m.name, 1.0) for m in matrices}, lo
 
+    def tables(self) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        table = self.report.get("sensitivity", {})
+        columns = ["matrix", *(f"ppl@kept={c:g}" for c in self.candidates), "kept"]
+        return {"asvd_sensitivity": (columns, [[name, *(row[str(c)] for c in self.candidates),
+                                                self.report["kept_fraction"][name]] for name, row in table.items()])}
+
     def allocate(self, matrices: Sequence[MatrixInfo], budget: Budget,
                  context: AllocationContext | None = None) -> RankPlan:
         if context is None or context.score is None:

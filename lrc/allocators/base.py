@@ -144,6 +144,10 @@ class Allocator(ABC):
                  context: AllocationContext | None = None) -> RankPlan:
         """Return a rank for every matrix in ``matrices``."""
 
+    def tables(self) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        """Tables of what the allocator measured (name -> (columns, rows)), logged to W&B."""
+        return {}
+
     @property
     def report(self) -> dict[str, Any]:
         return getattr(self, "_report", {})

@@ -55,6 +55,9 @@ class KeepDense(Allocator):
             raise ConfigError(f"keep_dense={list(self.kinds)}: to remove ratio={budget.ratio:g} overall, the other "
                               f"projections must lose {rest.ratio:.4f} of their parameters; {exc}") from None
 
+    def tables(self) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        return self.inner.tables()
+
     def allocate(self, matrices: Sequence[MatrixInfo], budget: Budget,
                  context: AllocationContext | None = None) -> RankPlan:
         self.check(matrices, budget)
