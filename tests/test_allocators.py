@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lrc.allocators.asvd_search import ASVDSensitivity, kept_rank
-from lrc.allocators.base import AllocationContext, MatrixInfo, Score
+from lrc.allocators.base import AllocationContext, MatrixInfo, Score, Validation
 from lrc.allocators.bayes import Bayes, window_rank
 from lrc.allocators.energy import Energy
 from lrc.allocators.fitting import energy_curve, meet_budget, project_ratios, ratio_priority
@@ -441,3 +441,25 @@ def test_bayes_window_scores_only_candidates_inside_the_window(rng):
     report = allocator.report
     assert report["rejected"] >= 0 and 0.3 - 0.02 <= report["best_trial_removed"] <= 0.4 + 0.02
     assert "final_objective" in report
+
+
+def test_ressvd_plc_takes_no_kl_options():
+    """ResSVD picks k by validation perplexity alone: a KL weight would silently do nothing."""
+    with pytest.raises(ConfigError, match=r"perplexity alone; validation options \['kl_weight'\]"):
+        ResSVDPLC(validation={"kl_weight": 1.0})
+    assert ResSVDPLC(validation={"nsamples": 2}).validation.nsamples == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"kl_reduction": "sum"}, "kl_reduction='sum' is not one of"),
+    ({"objective": "nll"}, "objective='nll' is not one of"),
+])
+def test_validation_options_are_checked(options, message):
+    with pytest.raises(ConfigError, match=message):
+        Validation.build(options)
+
+
+def test_validation_objectives():
+    assert Validation(seqlen=100, kl_weight=1e-3, kl_reduction="window_sum").score(20.0, 0.5).objective == \
+        pytest.approx(20.0 + 1e-3 * 0.5 * 100)
+    assert Validation(kl_weight=2.0, objective="log_ppl").score(math.e ** 3, 0.25).objective == pytest.approx(3.5)
