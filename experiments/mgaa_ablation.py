@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.2,0.4")
     parser.add_argument("--scales", default="0.25,0.5,1.0")
     parser.add_argument("--out", type=Path, default=Path("experiments/mgaa_ablation.md"))
+    parser.add_argument("--inner", default="energy,uniform")
+    parser.add_argument("--residual", default="before,after")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     start = time.perf_counter()
@@ -68,8 +70,9 @@ def main() -> None:
 
     rows = [("dense", "-", "-", "-", evaluate({t.name: min(t.shape) for t in targets}))]
     variants = [(Uniform(), "uniform", "-", "-", "-")]
-    for residual, scale, inner in itertools.product((False, True), map(float, args.scales.split(",")),
-                                                    ("energy", "uniform")):
+    residuals = [{"before": False, "after": True}[r] for r in args.residual.split(",")]
+    for residual, scale, inner in itertools.product(residuals, map(float, args.scales.split(",")),
+                                                    args.inner.split(",")):
         variants.append((MGAA(scale=scale, residual=residual, inner=inner), "mgaa",
                          "after" if residual else "before", scale, inner))
     lines = ["| ratio | allocator | similarity | scale | inner | ppl validation | ppl test | ppl pydocs |",

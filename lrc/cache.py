@@ -192,7 +192,10 @@ class JsonCache:
         path = self.root / f"{key}.json"
         try:
             return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("cache: ignoring unreadable %s (%s); it will be recomputed", path, exc)
             return None
 
     def save(self, key: str, value: dict[str, Any]) -> None:

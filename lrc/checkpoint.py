@@ -59,8 +59,10 @@ def merged(layer: LowRankLinear) -> nn.Linear:
 def save_compressed(model: nn.Module, tokenizer: Any, path: str | Path, record: dict[str, Any] | None = None,
                     merge: bool = False) -> Path:
     """Write ``model`` (with its LowRankLinear layers) to the directory ``path``, atomically:
-    it appears whole or not at all. Returns the path."""
+    it appears whole or not at all, and an earlier lrc checkpoint there is replaced only once
+    the new one is complete. A path holding anything else is refused. Returns the path."""
     path = Path(path)
+    _check_target(path)
     layers = low_rank_modules(model)
     if not layers:
         raise DataError("save_compressed: the model has no LowRankLinear layer (nothing was compressed)")
@@ -92,14 +94,32 @@ def save_compressed(model: nn.Module, tokenizer: Any, path: str | Path, record: 
         (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
         if record is not None:
             (tmp / RESULT_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _replace_folder(tmp, path)
     finally:
         for name, module in swapped.items():
             replace_module(model, name, module)
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _check_target(path: Path) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise DataError(f"{path} exists and is not a folder; refusing to overwrite it")
+    if any(path.iterdir()) and not (path / PLAN_FILE).is_file():
+        raise DataError(f"{path} is a non-empty folder that is not an lrc checkpoint; refusing to overwrite it")
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Put the folder ``new`` at ``path``; an old folder there is moved aside first and removed last."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+    os.replace(path, old / "previous")
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # Config switches that give a family of linears a bias in a dense model of that architecture.

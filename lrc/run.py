@@ -8,6 +8,7 @@ multirun a failed job is recorded (status "failed") and the sweep goes on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -132,6 +133,19 @@ def sweep_group() -> str | None:
 
 
 OmegaConf.register_new_resolver("lrc_sweep_group", sweep_group, replace=True)  # conf/logger/wandb.yaml
+
+
+def job_dirname(overrides: str, limit: int = 200) -> str:
+    """A sweep job's folder name from its overrides: one path component whatever the values
+    (``/`` becomes ``_``), shortened with a hash suffix when too long for a file name."""
+    name = overrides.replace(os.sep, "_").replace("\0", "") or "run"
+    if len(name.encode()) > limit:
+        digest = hashlib.sha256(overrides.encode()).hexdigest()[:12]
+        name = name.encode()[: limit - 13].decode(errors="ignore") + "-" + digest
+    return name
+
+
+OmegaConf.register_new_resolver("lrc_job_dirname", job_dirname, replace=True)  # conf/config.yaml hydra.sweep.subdir
 
 
 @dataclass

@@ -132,3 +132,24 @@ def test_run_saves_and_export_and_generate_read_it(tmp_path, capsys):
     assert generate_main([str(tmp_path / "exported"), "hello", "--max-new-tokens", "5", "--device", "cpu"]) == 0
     assert generate_main([str(tmp_path / "nowhere"), "hello"]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_save_never_deletes_a_folder_that_is_not_a_checkpoint(compressed, tmp_path):
+    loaded, _ = compressed
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not an lrc checkpoint; refusing to overwrite"):
+        save_compressed(loaded.model, loaded.tokenizer, precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["precious"]  # no temporary folder left behind
+    # an earlier checkpoint is replaced, and only by a complete new one
+    target = tmp_path / "ckpt"
+    save_compressed(loaded.model, loaded.tokenizer, target)
+    (target / "stale.txt").write_text("from the first save")
+    save_compressed(loaded.model, loaded.tokenizer, target)
+    assert not (target / "stale.txt").exists() and (target / PLAN_FILE).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "precious"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert save_compressed(loaded.model, loaded.tokenizer, empty) == empty and (empty / PLAN_FILE).is_file()

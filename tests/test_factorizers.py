@@ -1,5 +1,7 @@
 """Contract tests shared by every factorizer (one table of cases)."""
 
+import json
+
 import pytest
 import torch
 
@@ -246,3 +248,10 @@ def test_feature_pca_bias_keeps_the_output_mean(rng):
 def test_bad_method_options_are_clear_errors(factory, match):
     with pytest.raises(ConfigError, match=match):
         factory()
+
+
+def test_describe_is_plain_data_that_identifies_the_options():
+    """A factorizer's identity goes into cache keys: equal options, equal descriptions (no object addresses)."""
+    assert ResSVD().describe() == ResSVD().describe()
+    assert "object at 0x" not in json.dumps(ResSVD().describe())
+    assert ResSVD(beta=0.1).describe() != ResSVD().describe()

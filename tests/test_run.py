@@ -167,3 +167,27 @@ def test_rerunning_a_sweep_skips_finished_runs(tmp_path):
     assert read_record(paths[1])["status"] == "done"
     out = sweep("force=true")
     assert "already done" not in out and paths[0].stat().st_mtime_ns != stamps[0]
+
+
+def test_sweep_job_folders_are_one_level_whatever_the_values(tmp_path):
+    """A path in an override must not nest job folders (`calibration.path=/data/my.txt`)."""
+    text = tmp_path / "data" / "my.txt"
+    text.parent.mkdir()
+    text.write_text("Plain words for a tiny calibration set. " * 400)
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "-m", "lrc.run", "-m", *TINY, "calibration=textfile",
+                           f"calibration.path={text}", "ratio=0.2,0.3", f"hydra.sweep.dir={tmp_path}/sweep"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert len(jobs) == 2
+    assert all((job / "result.json").is_file() for job in jobs)  # the records sit one level down
+    assert all("calibration.path=_tmp" in job.name for job in jobs)  # slashes made harmless
+
+
+def test_job_dirname_is_a_single_short_path_component():
+    from lrc.run import job_dirname
+
+    assert job_dirname("a=1,calibration.path=/x/y.txt") == "a=1,calibration.path=_x_y.txt"
+    long = job_dirname("k=" + "v" * 400)
+    assert len(long.encode()) <= 200 and "/" not in long and long != job_dirname("k=" + "v" * 399)

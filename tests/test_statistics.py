@@ -199,3 +199,15 @@ def test_strip_gram_equals_the_full_product(n, rng):
     reference = x.double().T @ x.double()
     torch.testing.assert_close(symmetric(acc), reference, rtol=1e-5, atol=1e-3)
     assert torch.equal(symmetric(acc), symmetric(acc).T)
+
+
+def test_json_cache_logs_a_corrupt_entry_and_recomputes(tmp_path, caplog):
+    from lrc.cache import JsonCache
+
+    cache = JsonCache(tmp_path, "dense")
+    assert cache.load("k") is None and not caplog.records  # absent: quietly None
+    cache.save("k", {"ppl": 1.0})
+    (tmp_path / "dense" / "k.json").write_text("{broken")
+    with caplog.at_level("WARNING", logger="lrc.cache"):
+        assert cache.load("k") is None
+    assert "ignoring unreadable" in caplog.text and "k.json" in caplog.text

@@ -123,7 +123,8 @@ class Factorizer(ABC):
 
     def describe(self) -> dict[str, Any]:
         """Plain-data identity of this factorizer and its options."""
-        return {"name": type(self).__name__, **{k: str(v) for k, v in vars(self).items()}}
+        return {"name": type(self).__name__,
+                **{k: v.describe() if isinstance(v, Factorizer) else str(v) for k, v in vars(self).items()}}
 
 
 def projection_decomposition(weight: torch.Tensor, basis: torch.Tensor, spectrum: torch.Tensor,
