@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lrc.report import collect, collect_wandb, main, markdown, rows
+from lrc.report import collect, collect_wandb, main, markdown, method, rows
 
 
 def record(allocator, factorizer, ratio, ppl, acc=None, status="done"):
@@ -41,15 +41,16 @@ def test_table_rows_and_values(sweep):
     records, problems = collect(sweep)
     assert len(records) == 5 and len(problems) == 1 and "10_bad" in problems[0]
     header, table = rows(records)
-    assert header[:5] == ["allocator", "factorizer", "ratio", "removed", "status"]
-    assert header[5:8] == ["ppl/x", "dense ppl/x", "x dense"]  # perplexity first
-    assert [r[0] for r in table] == ["uniform", "uniform", "mgaa", "mgaa", "ressvd_plc"]  # natural order
-    assert table[0][2] == 0.2 and table[0][5] == 100.0 and table[0][7] == 10.0
+    assert header[:6] == ["method", "allocator", "factorizer", "ratio", "removed", "status"]
+    assert header[6:9] == ["ppl/x", "dense ppl/x", "x dense"]  # perplexity first
+    assert [r[1] for r in table] == ["uniform", "uniform", "mgaa", "mgaa", "ressvd_plc"]  # natural order
+    assert [r[0] for r in table] == ["-"] * 5  # no method preset named in these runs
+    assert table[0][3] == 0.2 and table[0][6] == 100.0 and table[0][8] == 10.0
     assert table[2][header.index("lm_eval/mean_acc")] == 0.52
-    assert table[2][header.index("x dense", 9)] == pytest.approx(0.52 / 0.6)
-    assert table[4][4] == "failed" and table[4][5] is None
+    assert table[2][header.index("x dense", 10)] == pytest.approx(0.52 / 0.6)
+    assert table[4][5] == "failed" and table[4][6] is None
     text = markdown(header, table)
-    assert "| mgaa | svdllm | 0.2 | 0.201 | done | 80 | 10 | 8 |" in text and text.count("\n") == 6
+    assert "| - | mgaa | svdllm | 0.2 | 0.201 | done | 80 | 10 | 8 |" in text and text.count("\n") == 6
 
 
 def test_main_writes_markdown_csv_and_plots(sweep, tmp_path, capsys):
@@ -60,11 +61,11 @@ def test_main_writes_markdown_csv_and_plots(sweep, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "skipped" in captured.err and "10_bad" in captured.err
     assert "failed run" in captured.err and "k=1 must exceed" in captured.err
-    assert "| uniform | svdllm | 0.4 |" in captured.out
+    assert "| - | uniform | svdllm | 0.4 |" in captured.out
     with open(out / "report.csv") as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == 5 and table[1]["ppl/x"] == "180.0" and table[1]["allocator"] == "uniform"
-    assert (out / "report.md").read_text().startswith("| allocator |")
+    assert (out / "report.md").read_text().startswith("| method | allocator |")
     import matplotlib.image
 
     for name in ("ppl_x_vs_ratio.png", "lm_eval_mean_acc_vs_ratio.png", "ranks_per_layer.png"):
@@ -91,4 +92,13 @@ def test_wandb_project_source():
     assert len(records) == 1 and "b2" in problems[0]
     assert records[0]["metrics"] == {"ppl/x": 70.0} and records[0]["dense_metrics"] == {"ppl/x": 38.0}
     header, table = rows(records)
-    assert table[0][:3] == ["bayes", "svdllm", 0.2] and table[0][7] == pytest.approx(70 / 38)
+    assert table[0][:4] == ["-", "bayes", "svdllm", 0.2] and table[0][8] == pytest.approx(70 / 38)
+
+
+def test_a_method_preset_names_the_row():
+    record = {"status": "done", "config": {"method_name": "bolaco", "allocator": {"name": "bayes"},
+                                           "factorizer": {"name": "feature_pca"}, "ratio": 0.2},
+              "metrics": {"ppl/x": 50.0}, "dense_metrics": {"ppl/x": 10.0}, "params": {}, "timings": {}}
+    header, table = rows([record])
+    assert table[0][:3] == ["bolaco", "bayes", "feature_pca"] and method(record) == "bolaco"
+    assert method({**record, "config": {**record["config"], "method_name": None}}) == "bayes x feature_pca"
