@@ -94,7 +94,7 @@ class Budget:
         rest = {name: shape for name, shape in self.shapes.items() if name not in dense}
         kept = sum(m * n for name, (m, n) in self.shapes.items() if name in dense)
         allowed = self.params_allowed - kept
-        floor = sum(m + n for m, n in rest.values())  # every other matrix at rank 1
+        floor = sum(self.stored(name, 1) for name in rest)  # every other matrix at rank 1
         if not rest or allowed < floor:
             raise BudgetError(
                 f"keeping {len(dense)} matrices dense ({kept} parameters) leaves {allowed} of the "
@@ -107,7 +107,7 @@ class Budget:
     @property
     def slack(self) -> int:
         """How far under the budget a plan may land: one rank step per matrix."""
-        return sum(m + n for m, n in self.shapes.values()) + sum(self.extra.values())
+        return sum(m + n for m, n in self.shapes.values())
 
     def stored(self, name: str, rank: int) -> int:
         """Parameters matrix ``name`` stores at ``rank``, a factorization's added bias included."""

@@ -118,8 +118,13 @@ def _replace_folder(new: Path, path: Path) -> None:
         return
     old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
     os.replace(path, old / "previous")
-    os.replace(new, path)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old / "previous", path)  # the old checkpoint goes back where it was
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # Config switches that give a family of linears a bias in a dense model of that architecture.

@@ -250,8 +250,8 @@ def _scorer(job: CompressionJob, decompositions: dict[str, Decomposition]) -> Pl
         return None
     identity = {"model": job.loaded.identity, "calibration": job.calibration.describe(),
                 "factorizer": job.factorizer.describe(), "compressed_inputs": job.layerwise.compressed_inputs,
-                "protocol": 1}
-    memo = ScoreMemo(job.cache.root.parent / "scores" / f"{ScoreMemo.key(identity, job.held_out)}.json")
+                "protocol": 2}
+    memo = ScoreMemo(job.cache.root.parent / "scores" / ScoreMemo.key(identity, job.held_out))
     return PlanScorer(job.loaded.model, job.targets, decompositions, job.held_out, job.budget, validation,
                       job.tracker, memo)
 

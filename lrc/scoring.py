@@ -8,7 +8,7 @@ position of every window (as Bolaco's lib/evaluator.py does) and averaged per to
 Every call is recorded as one trial (and logged to the tracker as it happens).
 
 A :class:`ScoreMemo` keeps the measured (ppl, KL) of every plan on disk, keyed by what
-determines them (model, statistics, factorizer, validation windows): a plan scored once is
+determines them (model, statistics, factorizer, the validation windows and their shape): a plan scored once is
 never evaluated again, by any run of a sweep (ASVD's sensitivity table is shared by every
 ratio) or by a re-run.
 """
@@ -47,27 +47,27 @@ def plan_digest(plan: Mapping[str, int]) -> str:
 
 
 class ScoreMemo:
-    """Measured (ppl, per-token KL) of plans, in one JSON file per scoring setup (atomic writes)."""
+    """Measured (ppl, per-position KL) of plans: one small JSON file per plan in a folder per
+    scoring setup, written atomically, so concurrent jobs of a sweep add to it safely."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        try:
-            self.entries: dict[str, list[float]] = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.entries = {}
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
 
     @staticmethod
     def key(identity: Mapping[str, Any], windows: torch.Tensor) -> str:
-        blob = json.dumps(identity, sort_keys=True, default=str).encode() + windows.numpy().tobytes()
-        return hashlib.sha256(blob).hexdigest()[:32]
+        head = json.dumps({**identity, "windows": [list(windows.shape), str(windows.dtype)]}, sort_keys=True,
+                          default=str)
+        return hashlib.sha256(head.encode() + windows.cpu().numpy().tobytes()).hexdigest()[:32]
 
     def get(self, plan: Mapping[str, int]) -> tuple[float, float] | None:
-        found = self.entries.get(plan_digest(plan))
-        return (found[0], found[1]) if found else None
+        try:
+            ppl, kl = json.loads((self.folder / f"{plan_digest(plan)}.json").read_text())
+        except (OSError, ValueError, TypeError):
+            return None
+        return float(ppl), float(kl)
 
     def put(self, plan: Mapping[str, int], ppl: float, kl: float) -> None:
-        self.entries[plan_digest(plan)] = [ppl, kl]
-        atomic_write_json(self.path, self.entries)
+        atomic_write_json(self.folder / f"{plan_digest(plan)}.json", [ppl, kl])
 
 
 class PlanScorer:
@@ -116,7 +116,7 @@ class PlanScorer:
                 measured = self.evaluate(model)
             if self.memo is not None:
                 self.memo.put(plan, *measured)
-        score = self.validation.score(*measured)
+        score = self.validation.score(*measured, window_length=self.batches[0].shape[1])
         row = {"trial": len(self.trials), **info, "objective": score.objective, "ppl": score.ppl, "kl": score.kl,
                "removed_fraction": self.budget.removed_fraction(plan), "seconds": time.perf_counter() - start}
         self.trials.append(row)

@@ -62,6 +62,9 @@ def test_factorizers_instantiate(option):
 def test_allocators_instantiate(option):
     cfg = compose([f"allocator={option}"])
     allocator = build_allocator(cfg.allocator)
+    if cfg.allocator.keep_dense:
+        assert isinstance(allocator, KeepDense) and list(allocator.kinds) == list(cfg.allocator.keep_dense)
+        allocator = allocator.inner
     assert type(allocator).__module__ == f"lrc.allocators.{cfg.allocator._target_.split('.')[2]}"
     wrapped = build_allocator(compose([f"allocator={option}", "allocator.keep_dense=[v_proj]"]).allocator)
     assert isinstance(wrapped, KeepDense) and wrapped.kinds == ("v_proj",)

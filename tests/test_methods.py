@@ -4,9 +4,12 @@ import pytest
 from conftest import CONF, compose
 from test_run import TINY
 
+from lrc.allocators.keep_dense import KeepDense
+from lrc.allocators.mgaa import MGAA
 from lrc.budget import Budget, check_plan
+from lrc.factorizers.svdllm import SVDLLM
 from lrc.report import method, rows
-from lrc.run import run
+from lrc.run import prepare, run
 
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 SMALL_SEARCH = ["trials=4", "allocator.validation.nsamples=2", "allocator.validation.seqlen=64",
@@ -16,8 +19,8 @@ ARGS = {"asvd": ["allocator.validation.nsamples=1", "allocator.validation.seqlen
         "bolaco_lrc": [*SMALL_SEARCH, "allocator.startup_trials=2"],
         "ressvd": ["allocator.validation.nsamples=2", "allocator.validation.seqlen=64"]}
 EXPECTED = {"svd": ("uniform", "svd"), "asvd": ("asvd", "asvd"), "fwsvd": ("uniform", "fwsvd"),
-            "svdllm": ("uniform", "svdllm"), "bolaco": ("bayes", "feature_pca"),
-            "bolaco_lrc": ("bayes", "feature_pca"), "mgaa": ("mgaa", "svdllm"), "ressvd": ("ressvd_plc", "ressvd")}
+            "svdllm": ("uniform", "svdllm"), "bolaco": ("bolaco", "feature_pca"),
+            "bolaco_lrc": ("bolaco_lrc", "feature_pca"), "mgaa": ("mgaa", "svdllm"), "ressvd": ("ressvd_plc", "ressvd")}
 
 
 def test_the_published_methods_are_all_there():
@@ -48,15 +51,31 @@ def test_bolaco_keeps_v_dense_counts_its_biases_and_reports_both_removals(tmp_pa
     assert record["diagnostics"]["added_params"]["model.layers.0.self_attn.q_proj"] == 64
     allocation = record["diagnostics"]["allocation"]
     assert allocation["budget"] == "window" and allocation["keep_dense"] == ["v_proj"]
-    # the window holds for the continuous ratios; rounding ranks down to multiples of 8 only removes more
-    assert allocation["best_trial_removed"] >= 0.3 - 1e-9
+    # the window holds for the continuous group ratios of the whole target set (v counted, kept dense)
+    best = allocation["best_ratios"]
+    params = {m: 0 for m in best}
+    for name, shape in shapes.items():
+        kind = name.rsplit(".", 1)[-1].removesuffix("_proj")
+        group = "q+k" if kind in ("q", "k") else kind
+        if group in params:
+            params[group] += shape[0] * shape[1]
+    continuous = sum(best[g] * p for g, p in params.items()) / sum(s[0] * s[1] for s in shapes.values())
+    assert allocation["best_trial_removed_continuous"] == pytest.approx(continuous)
+    assert 0.3 - 1e-9 <= continuous <= 0.4 + 1e-9
     scored = [t for t in record["trials"] if t["trial"] != "final"]
     assert len(scored) == 4 and record["trials"][-1]["trial"] == "final"
 
 
-def test_command_line_overrides_go_on_top_of_a_method(tmp_path):
-    cfg = compose([*TINY, "method=bolaco", "allocator=mgaa"])
-    assert cfg.allocator.name == "mgaa" and cfg.factorizer.name == "feature_pca"
-    cfg = compose([*TINY, "method=bolaco", "allocator.n_trials=7", "allocator.validation.objective=log_ppl"])
-    assert cfg.allocator.n_trials == 7 and cfg.allocator.validation.objective == "log_ppl"
-    assert list(cfg.allocator.keep_dense) == ["v_proj"]
+@pytest.mark.parametrize("name", METHODS)
+def test_command_line_overrides_go_on_top_of_a_method(name):
+    """Any allocator or factorizer replaces the preset's, and what is built is exactly that one."""
+    job = prepare(compose([*TINY, f"method={name}", "allocator=mgaa", "factorizer=svdllm"]))
+    assert type(job.allocator) is MGAA and job.allocator.scale == 0.5  # none of the preset's options leak in
+    assert type(job.factorizer) is SVDLLM
+
+
+def test_options_go_on_top_of_a_method():
+    job = prepare(compose([*TINY, "method=bolaco", "allocator.n_trials=7", "allocator.validation.objective=log"]))
+    assert isinstance(job.allocator, KeepDense) and job.allocator.kinds == ("v_proj",)
+    assert job.allocator.inner.n_trials == 7 and job.allocator.validation.objective == "log"
+    assert job.allocator.inner.budget == "window" and job.allocator.inner.rank_multiple == 8

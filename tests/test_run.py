@@ -182,7 +182,7 @@ def test_sweep_job_folders_are_one_level_whatever_the_values(tmp_path):
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name[0].isdigit())
     assert len(jobs) == 2
     assert all((job / "result.json").is_file() for job in jobs)  # the records sit one level down
-    assert all("calibration.path=_tmp" in job.name for job in jobs)  # slashes made harmless
+    assert all("calibration.path=_" in job.name for job in jobs)  # the slashes made harmless
 
 
 def test_job_dirname_is_a_single_short_path_component():

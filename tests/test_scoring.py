@@ -1,6 +1,7 @@
 """Scoring candidate plans on validation windows, and swapping plans in and out."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -86,18 +87,29 @@ def test_bolaco_objective_equals_an_independent_computation(setup):
     assert score.kl == pytest.approx(expected_kl, rel=1e-4)
     assert score.objective == pytest.approx(expected, rel=1e-5)
     log_score = PlanScorer(model, targets, decs, windows, budget,
-                           Validation(seqlen=windows.shape[1], batch_size=2, objective="log_ppl"))(plan)
-    assert log_score.objective == pytest.approx(float(nll) + log_score.kl, rel=1e-5)
+                           Validation(seqlen=windows.shape[1], batch_size=2, kl_weight=1e-3, kl_reduction="window_sum",
+                                      objective="log"))(plan)
+    assert log_score.objective == pytest.approx(math.log(expected), rel=1e-6)
 
 
 def test_score_memo_never_evaluates_a_plan_twice(setup, tmp_path, monkeypatch):
     model, targets, decs, windows, budget = setup
     plan = {t.name: uniform_rank(t.shape, 0.4) for t in targets}
     validation = Validation(seqlen=32, batch_size=2)
-    first = PlanScorer(model, targets, decs, windows, budget, validation, memo=ScoreMemo(tmp_path / "m.json"))(plan)
-    again = PlanScorer(model, targets, decs, windows, budget, validation, memo=ScoreMemo(tmp_path / "m.json"))
+    first = PlanScorer(model, targets, decs, windows, budget, validation, memo=ScoreMemo(tmp_path / "m"))(plan)
+    again = PlanScorer(model, targets, decs, windows, budget, validation, memo=ScoreMemo(tmp_path / "m"))
     monkeypatch.setattr(again, "evaluate", lambda model: pytest.fail("a memoised plan was evaluated again"))
     assert again(plan) == first
     other = dict(plan, **{targets[0].name: 1})
     with pytest.raises(pytest.fail.Exception):
         again(other)  # a new plan is evaluated
+
+
+def test_score_memo_keys_tell_setups_apart():
+    windows = torch.arange(64).view(4, 16)
+    identity = {"model": "m", "factorizer": {"name": "SVDLLM"}}
+    key = ScoreMemo.key(identity, windows)
+    assert key == ScoreMemo.key(dict(identity), windows.clone())
+    assert key != ScoreMemo.key(identity, windows.view(2, 32))  # the same tokens cut into other windows
+    assert key != ScoreMemo.key({**identity, "factorizer": {"name": "ASVD"}}, windows)
+    assert key != ScoreMemo.key(identity, windows + 1)

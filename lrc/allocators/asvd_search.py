@@ -26,7 +26,7 @@ from typing import Any
 
 from lrc.allocators.base import AllocationContext, Allocator, MatrixInfo, RankPlan, Validation
 from lrc.allocators.fitting import canonical_rank, plan_from_ratios
-from lrc.budget import Budget, stored_params
+from lrc.budget import Budget
 from lrc.errors import ConfigError, LrcError
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,11 @@ class ASVDSensitivity(Allocator):
 
         def params(cut: int) -> int:
             kept = self.kept_at(ordered, cut)
-            return sum(stored_params(m.shape, kept_rank(m.shape, kept[m.name]) if m.name in kept else min(m.shape))
+            return sum(budget.stored(m.name, kept_rank(m.shape, kept[m.name]) if m.name in kept else min(m.shape))
                        for m in matrices)
 
-        if params(0) > budget.params_allowed:
-            raise ConfigError(f"asvd: even the smallest candidate kept fraction {self.candidates[0]} for every "
-                              f"matrix stores {params(0)} parameters, more than the {budget.params_allowed} allowed "
-                              f"at ratio={budget.ratio:g}; add smaller candidates")
-        lo, hi = 0, len(ordered)  # params(lo) fits
+        self.check(matrices, budget)
+        lo, hi = 0, len(ordered)  # params(lo) fits: cut 0 puts every matrix at its smallest candidate
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if params(mid) <= budget.params_allowed:
@@ -100,8 +97,17 @@ class ASVDSensitivity(Allocator):
         return {"asvd_sensitivity": (columns, [[name, *(row[str(c)] for c in self.candidates),
                                                 self.report["kept_fraction"][name]] for name, row in table.items()])}
 
+    def check(self, matrices: Sequence[MatrixInfo], budget: Budget) -> None:
+        """Every matrix at the smallest candidate must fit, else no cut can (checked before any work)."""
+        smallest = sum(budget.stored(m.name, kept_rank(m.shape, self.candidates[0])) for m in matrices)
+        if smallest > budget.params_allowed:
+            raise ConfigError(f"asvd: even the smallest candidate kept fraction {self.candidates[0]} for every "
+                              f"matrix stores {smallest} parameters, more than the {budget.params_allowed} allowed "
+                              f"at ratio={budget.ratio:g}; add smaller candidates")
+
     def allocate(self, matrices: Sequence[MatrixInfo], budget: Budget,
                  context: AllocationContext | None = None) -> RankPlan:
+        self.check(matrices, budget)
         if context is None or context.score is None:
             raise LrcError("asvd needs a validation scorer (the pipeline builds one from `validation`)")
         table = self.sensitivity(matrices, context)

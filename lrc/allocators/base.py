@@ -48,7 +48,7 @@ class MatrixInfo:
 class Score:
     """A candidate plan evaluated on the validation windows (lower is better)."""
 
-    objective: float  # ppl (or log ppl) + kl_weight * kl, see Validation
+    objective: float  # ppl + kl_weight * kl, or its log (see Validation)
     ppl: float
     kl: float  # reverse KL(compressed || dense), reduced as Validation.kl_reduction says
 
@@ -56,7 +56,7 @@ class Score:
 # score(plan, **trial_info) -> Score; trial_info is logged with the trial (e.g. its group ratios).
 ScoreFn = Callable[..., Score]
 KL_REDUCTIONS = ("token_mean", "window_sum")
-OBJECTIVES = ("ppl", "log_ppl")
+OBJECTIVES = ("ppl", "log")
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,15 @@ class Validation:
     Drawn from the calibration config's validation text (or held-out windows of the
     calibration text), never from benchmark text. The objective of a plan is
 
-        objective = f(ppl) + kl_weight * KL(compressed || dense),   f = identity (``ppl``) or log (``log_ppl``)
+        J = ppl + kl_weight * KL(compressed || dense)      (``objective: ppl``)
+        log J                                              (``objective: log``)
 
     with the KL summed over the vocabulary at every position of a window, then either
     averaged over all positions (``token_mean``, lrc's default) or summed over a window's
     positions and averaged over windows (``window_sum``: Bolaco's ``kl_div(..., 'batchmean')``
-    on one window at a time, lib/evaluator.py). ``log_ppl`` keeps one catastrophic candidate
-    (ppl in the thousands) from dominating the Gaussian process fitted to the objectives.
+    on one window at a time, lib/evaluator.py). ``log`` is a monotone transform: the same
+    scores rank plans the same way, but one catastrophic candidate (J in the thousands) cannot
+    dominate the Gaussian process fitted to the objectives.
     """
 
     nsamples: int = 8
@@ -96,11 +98,13 @@ class Validation:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"validation.objective={self.objective!r} is not one of {OBJECTIVES}")
 
-    def score(self, ppl: float, kl_token_mean: float) -> Score:
-        """The Score of a plan from its perplexity and its per-token mean reverse KL."""
-        kl = kl_token_mean * self.seqlen if self.kl_reduction == "window_sum" else kl_token_mean
-        base = math.log(ppl) if self.objective == "log_ppl" else ppl
-        return Score(objective=base + self.kl_weight * kl, ppl=ppl, kl=kl)
+    def score(self, ppl: float, kl_token_mean: float, window_length: int | None = None) -> Score:
+        """The Score of a plan from its perplexity and its per-position mean reverse KL
+        (``window_length``: positions per window, default ``seqlen``)."""
+        positions = window_length if window_length is not None else self.seqlen
+        kl = kl_token_mean * positions if self.kl_reduction == "window_sum" else kl_token_mean
+        objective = ppl + self.kl_weight * kl
+        return Score(objective=math.log(objective) if self.objective == "log" else objective, ppl=ppl, kl=kl)
 
     @classmethod
     def build(cls, options: Mapping[str, Any] | Validation | None) -> Validation:

@@ -23,9 +23,10 @@ Two ways to meet the parameter budget (``budget``):
   L198-200: q = 8), r <= 0 dense. The search starts at ``start`` (main_bbo.py L93/L101:
   removal 0.5 for q+k and o, R for the MLP) and then ``startup_trials`` random feasible
   candidates (OpenBox's initial_runs=3 in all). The plan of the best trial removes up to R +
-  window; lrc then fits it to the budget exactly (rank steps added where a matrix is furthest
-  below its group's kept fraction) and scores that final plan too, so every method is
-  compared at the same size. The report keeps both removals.
+  window; lrc then fits that plan to the budget exactly (rank steps added, one at a time,
+  where a matrix is furthest below its group's kept fraction) and scores the final plan too,
+  so every method is compared at the same size. The report keeps the best trial's removal of
+  the whole target set (continuous ratios and realised ranks) next to the final plan's.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lrc.allocators.base import AllocationContext, Allocator, MatrixInfo, RankPlan, Validation, blocks_of
-from lrc.allocators.fitting import canonical_rank, plan_from_ratios, project_ratios
+from lrc.allocators.fitting import canonical_rank, meet_budget, plan_from_ratios, project_ratios, ratio_priority
 from lrc.budget import Budget
 from lrc.errors import ConfigError, LrcError
 
@@ -48,6 +49,7 @@ SAMPLERS = ("gp", "tpe")
 BUDGETS = ("project", "window")
 DEFAULT_GROUPS = (("q_proj", "k_proj"), ("v_proj",), ("o_proj",), ("gate_proj",), ("up_proj",), ("down_proj",))
 MAX_REJECTIONS_PER_TRIAL = 200
+TOLERANCE = 1e-9  # a candidate on the window's edge (the uniform plan) is inside
 
 
 def group_label(kinds: Sequence[str]) -> str:
@@ -167,7 +169,7 @@ class _Search:
         if owner.budget == "window":
             rng = random.Random(owner.seed)
             queued += [self.random_feasible(rng) for _ in range(owner.startup_trials)]
-        startup = len(queued) if owner.budget == "window" else owner.startup_trials
+        startup = len(queued) if owner.budget == "window" else owner.startup_trials + len(queued)
         with warnings.catch_warnings():  # deterministic_objective is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if owner.sampler == "gp":
@@ -183,7 +185,7 @@ class _Search:
     def random_feasible(self, rng: random.Random) -> dict[str, float]:
         for _ in range(MAX_REJECTIONS_PER_TRIAL * 10):
             ratios = {d: rng.uniform(self.owner.min_ratio, self.owner.max_ratio) for d in self.dims}
-            if self.violation(ratios) <= 0:
+            if self.violation(ratios) <= TOLERANCE:
                 return ratios
         raise ConfigError(f"bayes: no random candidate in [{self.owner.min_ratio}, {self.owner.max_ratio}] removes "
                           f"between ratio={self.budget.ratio:.4g} and ratio + window={self.owner.window}")
@@ -207,8 +209,9 @@ class _Search:
             trial = study.ask()
             raw = {d: trial.suggest_float(d, owner.min_ratio, owner.max_ratio) for d in self.dims}
             if owner.budget == "window":
-                trial.set_constraint("budget_window", self.violation(raw))  # <= 0: feasible
-                if self.violation(raw) > 0:
+                violation = self.violation(raw)
+                trial.set_constraint("budget_window", violation - TOLERANCE)  # <= 0: feasible
+                if violation > TOLERANCE:
                     rejected += 1
                     if rejected > MAX_REJECTIONS_PER_TRIAL * owner.n_trials:
                         raise LrcError(f"bayes: {rejected} candidates rejected by the budget window; "
@@ -234,9 +237,12 @@ class _Search:
         report = {"best_objective": objective, "best_trial": number, "best_ratios": ratios,
                   "n_trials": self.owner.n_trials, "budget": self.owner.budget}
         if self.owner.budget == "window":
-            report.update(rejected=rejected, best_trial_removed=self.budget.removed_fraction(plan))
-            plan = plan_from_ratios(self.matrices, self.budget, {m.name: ratios[self.group[m.name]]
-                                                                  for m in self.matrices})
+            whole, budget = self.budget.params_whole, self.budget
+            continuous = sum(self.weights[d] * ratios[d] for d in self.dims) / whole
+            report.update(rejected=rejected, best_trial_removed_continuous=continuous,
+                          best_trial_removed=(budget.params_before - budget.params_after(plan)) / whole)
+            targets = {m.name: ratios[self.group[m.name]] for m in self.matrices}
+            plan = meet_budget(plan, budget, ratio_priority(budget.shapes, targets))  # the best plan, made exact
             final = self.score(plan, trial="final", **{f"ratio/{d}": ratios[d] for d in self.dims})
             report.update(final_objective=final.objective, final_ppl=final.ppl)
         self.owner.report = report
