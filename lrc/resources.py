@@ -45,11 +45,15 @@ def reset_peak_device(device: torch.device) -> None:
 
 class Stopwatch:
     """Seconds per stage (``watch("calibration_s")`` laps add up) and each stage's peak host
-    and device memory (bytes, under ``memory["<stage>_peak_host"]`` / ``_peak_device``)."""
+    and device memory (bytes, under ``memory["<stage>_peak_host"]`` / ``_peak_device``).
+
+    ``memory["host_peak_per_stage"]`` is 1 when every host peak was measured within its stage
+    (the peak was reset at the stage's start), 0 when a reset failed and some stage's value is
+    the process's peak since it started."""
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.timings: dict[str, float] = {}
-        self.memory: dict[str, int] = {}
+        self.memory: dict[str, int] = {"host_peak_per_stage": 1}
         self.device = device
 
     def __call__(self, key: str):
@@ -58,7 +62,8 @@ class Stopwatch:
 
         class _Lap:
             def __enter__(self):
-                reset_peak_host()
+                if not reset_peak_host():
+                    watch.memory["host_peak_per_stage"] = 0
                 if watch.device is not None:
                     reset_peak_device(watch.device)
                 self.start = time.perf_counter()
