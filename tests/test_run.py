@@ -118,8 +118,9 @@ def test_every_factorizer_runs_end_to_end(factorizer, tmp_path):
     assert len(errors) == 14 and all(e >= 0 for e in errors.values())
     params = record["params"]  # every stored parameter is in target_after, added biases included
     assert params["model_after"] == params["model_before"] - (params["target_before"] - params["target_after"])
-    factors = sum(r * (m + n) for (m, n), r in zip(SHAPES, record["ranks"].values(), strict=True) if r * (m + n) < m * n)
-    dense = sum(m * n for (m, n), r in zip(SHAPES, record["ranks"].values(), strict=True) if r * (m + n) >= m * n)
+    pairs = list(zip(SHAPES, record["ranks"].values(), strict=True))
+    factors = sum(r * (m + n) for (m, n), r in pairs if r * (m + n) < m * n)
+    dense = sum(m * n for (m, n), r in pairs if r * (m + n) >= m * n)
     added = record["diagnostics"]["added_params"]
     if factorizer == "feature_pca":  # bias compensation adds one bias per compressed matrix
         assert added == {name: shape[0] for name, shape in record["diagnostics"]["shapes"].items()}
@@ -131,7 +132,8 @@ def test_every_factorizer_runs_end_to_end(factorizer, tmp_path):
 SEARCH = ["trials=3", "allocator.validation.nsamples=2", "allocator.validation.seqlen=64"]
 ALLOCATOR_ARGS = {"uniform": [], "energy": [], "mgaa": [], "bayes": [*SEARCH, "allocator.startup_trials=2"],
                   "ressvd_plc": SEARCH[1:], "asvd": ["allocator.validation.seqlen=64"],
-                  "bolaco": [*SEARCH, "allocator.startup_trials=1"], "bolaco_lrc": [*SEARCH, "allocator.startup_trials=1"]}
+                  "bolaco": [*SEARCH, "allocator.startup_trials=1"],
+                  "bolaco_lrc": [*SEARCH, "allocator.startup_trials=1"]}
 
 
 @pytest.mark.parametrize("allocator", sorted(p.stem for p in (REPO / "conf" / "allocator").glob("*.yaml")))
