@@ -424,7 +424,7 @@ def test_bayes_window_scores_only_candidates_inside_the_window(rng):
     removed, scored = [], []
 
     def score(plan, **info):
-        if info["trial"] != "final":
+        if not info.get("final"):
             ratios = {k.removeprefix("ratio/"): v for k, v in info.items() if k.startswith("ratio/")}
             group = allocator.group_of(mats)
             scored.append((plan, {m.name: window_rank(m.shape, ratios[group[m.name]], 8) for m in mats}))

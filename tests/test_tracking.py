@@ -91,3 +91,14 @@ def test_wandb_gets_the_asvd_sensitivity_table_and_the_method_name(tmp_path, mon
     assert row[1:7] == [sensitivity[row[0]][c] for c in ("0.4", "0.5", "0.6", "0.7", "0.8", "0.9")]
     run_record = next(r for r in records(run_dir) if r.get("type") == "run")
     assert "method_name" in json.dumps(run_record) and "asvd" in json.dumps(run_record)
+
+
+def test_wandb_logs_bolacos_search_with_its_final_fitted_trial(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    record = run(compose([*TINY, "logger=wandb", "ratio=0.3", "method=bolaco", "trials=3", "allocator.startup_trials=1",
+                          "allocator.validation.nsamples=2", "allocator.validation.seqlen=64"]), tmp_path)
+    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
+    table = json.loads(next((run_dir / "files" / "media" / "table").glob("trials_*.table.json")).read_text())
+    trial, final = table["columns"].index("trial"), table["columns"].index("final")
+    assert [row[trial] for row in table["data"]] == [0, 1, 2, 3] == [t["trial"] for t in record["trials"]]
+    assert table["data"][-1][final] == 1

@@ -243,7 +243,7 @@ class _Search:
                           best_trial_removed=(budget.params_before - budget.params_after(plan)) / whole)
             targets = {m.name: ratios[self.group[m.name]] for m in self.matrices}
             plan = meet_budget(plan, budget, ratio_priority(budget.shapes, targets))  # the best plan, made exact
-            final = self.score(plan, trial="final", **{f"ratio/{d}": ratios[d] for d in self.dims})
+            final = self.score(plan, trial=self.owner.n_trials, final=1, **{f"ratio/{d}": ratios[d] for d in self.dims})
             report.update(final_objective=final.objective, final_ppl=final.ppl)
         self.owner.report = report
         return plan
