@@ -28,7 +28,7 @@ run: install
 
 # Default suite (CI): everything but tests marked `slow`.
 test: install
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -rs -m "not slow" $(ARGS)
 
 test-slow: install
 	$(PY) -m pytest -q -m "slow" $(ARGS)
