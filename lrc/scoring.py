@@ -30,7 +30,7 @@ from torch import nn
 from lrc.adapters import TargetLinear
 from lrc.allocators.base import Score, Validation
 from lrc.budget import Budget
-from lrc.cache import atomic_write_json
+from lrc.cache import atomic_write_json, cache_key
 from lrc.errors import NumericalError
 from lrc.factorizers.base import Decomposition
 from lrc.statistics import batches
@@ -40,10 +40,6 @@ from lrc.tracking import Tracker
 
 def _logprobs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
-
-
-def plan_digest(plan: Mapping[str, int]) -> str:
-    return hashlib.sha256(json.dumps(sorted(plan.items())).encode()).hexdigest()[:24]
 
 
 class ScoreMemo:
@@ -61,13 +57,13 @@ class ScoreMemo:
 
     def get(self, plan: Mapping[str, int]) -> tuple[float, float] | None:
         try:
-            ppl, kl = json.loads((self.folder / f"{plan_digest(plan)}.json").read_text())
+            ppl, kl = json.loads((self.folder / f"{cache_key(dict(plan))}.json").read_text())
         except (OSError, ValueError, TypeError):
             return None
         return float(ppl), float(kl)
 
     def put(self, plan: Mapping[str, int], ppl: float, kl: float) -> None:
-        atomic_write_json(self.folder / f"{plan_digest(plan)}.json", [ppl, kl])
+        atomic_write_json(self.folder / f"{cache_key(dict(plan))}.json", [ppl, kl])
 
 
 class PlanScorer:

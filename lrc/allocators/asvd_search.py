@@ -80,8 +80,7 @@ class ASVDSensitivity(Allocator):
             return sum(budget.stored(m.name, kept_rank(m.shape, kept[m.name]) if m.name in kept else min(m.shape))
                        for m in matrices)
 
-        self.check(matrices, budget)
-        lo, hi = 0, len(ordered)  # params(lo) fits: cut 0 puts every matrix at its smallest candidate
+        lo, hi = 0, len(ordered)  # params(lo) fits (see check): cut 0 puts every matrix at its smallest candidate
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if params(mid) <= budget.params_allowed:
