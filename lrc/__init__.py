@@ -9,7 +9,7 @@ from lrc.errors import LrcError
 
 def load_compressed(path, device="cpu", dtype=None):
     """A compressed checkpoint (``save=true`` or ``python -m lrc.export``): (model, tokenizer)."""
-    from lrc.checkpoint import load_compressed as load
+    from lrc.model.checkpoint import load_compressed as load
 
     return load(path, device=device, dtype=dtype)
 

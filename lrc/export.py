@@ -1,5 +1,5 @@
 """``python -m lrc.export <run dir> [--merge] [--out DIR]``: the compressed model of a finished run,
-saved as a checkpoint (see :mod:`lrc.checkpoint`).
+saved as a checkpoint (see :mod:`lrc.model.checkpoint`).
 
 The run's recorded config is compressed again (statistics and dense metrics come from the
 cache; no benchmark is run) and the resulting rank plan is checked against the recorded one
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lrc.checkpoint import save_compressed
 from lrc.errors import DataError, LrcError
-from lrc.records import RESULT_FILE, read_record
+from lrc.model.checkpoint import save_compressed
+from lrc.results.records import RESULT_FILE, read_record
 
 log = logging.getLogger("lrc.export")
 

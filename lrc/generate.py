@@ -1,6 +1,6 @@
 """``python -m lrc.generate <checkpoint> "prompt"``: a quick look at a compressed model's text.
 
-Reads an lrc checkpoint (:func:`lrc.checkpoint.load_compressed`) or, without a rank plan,
+Reads an lrc checkpoint (:func:`lrc.model.checkpoint.load_compressed`) or, without a rank plan,
 any transformers model folder (a merged checkpoint). Greedy decoding unless ``--sample``.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from lrc.checkpoint import PLAN_FILE, load_compressed
 from lrc.errors import DataError, LrcError
-from lrc.models import resolve_device
+from lrc.model.checkpoint import PLAN_FILE, load_compressed
+from lrc.model.loading import resolve_device
 
 
 def generate(path: str | Path, prompt: str, max_new_tokens: int = 40, sample: bool = False, chat: bool = False,

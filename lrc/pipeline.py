@@ -15,12 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrc.adapters import find_targets
 from lrc.allocators.base import Allocator, MatrixInfo
 from lrc.budget import Budget
-from lrc.cache import JsonCache, StatisticsCache, cache_key
-from lrc.calibration import Calibration
-from lrc.compression import (
+from lrc.compress.layerwise import LayerwiseOptions, ResidentBlocks, check_layerwise
+from lrc.compress.stage import (
     STATS_MODE,
     CompressionJob,
     check_streamed,
@@ -29,15 +27,18 @@ from lrc.compression import (
     statistics_cached,
     time_plain_forward,
 )
+from lrc.data.windows import Calibration
 from lrc.errors import BudgetError
-from lrc.evaluation import PerplexityBenchmark, run_benchmarks
+from lrc.eval.perplexity import PerplexityBenchmark, run_benchmarks
 from lrc.factorizers.base import Factorizer
-from lrc.layerwise import LayerwiseOptions, ResidentBlocks, check_layerwise
-from lrc.models import LoadedModel
-from lrc.plots import ranks_per_layer
-from lrc.records import trial_columns
+from lrc.files import JsonCache, cache_key
+from lrc.model.adapters import find_targets
+from lrc.model.loading import LoadedModel
 from lrc.resources import Stopwatch
-from lrc.tracking import Tracker
+from lrc.results.plots import ranks_per_layer
+from lrc.results.records import trial_columns
+from lrc.results.tracking import Tracker
+from lrc.stats.cache import StatisticsCache
 
 log = logging.getLogger(__name__)
 

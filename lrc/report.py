@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lrc.cache import atomic_write_bytes
-from lrc.records import RESULT_FILE
+from lrc.files import atomic_write_bytes
+from lrc.results.records import RESULT_FILE
 
 log = logging.getLogger(__name__)
 WANDB_PREFIX = "wandb:"

@@ -30,15 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 from lrc.allocators.base import Allocator
 from lrc.allocators.keep_dense import KeepDense
 from lrc.budget import check_ratio
-from lrc.calibration import Calibration
-from lrc.checkpoint import save_compressed
+from lrc.compress.layerwise import LayerwiseOptions
+from lrc.data.windows import Calibration
 from lrc.errors import ConfigError, LrcError
-from lrc.evaluation import PerplexityBenchmark
-from lrc.layerwise import LayerwiseOptions
-from lrc.models import resolve_device
+from lrc.eval.perplexity import PerplexityBenchmark
+from lrc.eval.zeroshot import ZeroShotBenchmark
+from lrc.model.checkpoint import save_compressed
+from lrc.model.loading import resolve_device
 from lrc.paths import cache_root
-from lrc.records import RESULT_FILE, read_record, versions, write_record, write_trials
-from lrc.zeroshot import ZeroShotBenchmark
+from lrc.results.records import RESULT_FILE, read_record, versions, write_record, write_trials
 
 log = logging.getLogger("lrc")
 CHECKPOINT_DIR = "model"  # save=true writes the compressed model here, inside the run folder

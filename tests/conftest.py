@@ -29,7 +29,7 @@ def rng():
 
 @pytest.fixture(scope="session")
 def tiny():
-    from lrc.models import tiny_random
+    from lrc.model.loading import tiny_random
 
     return tiny_random(device="cpu")
 

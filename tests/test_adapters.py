@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lrc.adapters import ARCHITECTURES, find_targets
 from lrc.errors import ConfigError
-from lrc.models import tiny_random
+from lrc.model.adapters import ARCHITECTURES, find_targets
+from lrc.model.loading import tiny_random
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma3_text"])

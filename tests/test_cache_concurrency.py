@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from lrc.cache import StatisticsCache
-from lrc.factorizers.base import InputStatistics
+from lrc.stats.cache import StatisticsCache
+from lrc.stats.types import InputStatistics
 
 
 def _job(root: str, marker: str, barrier, out) -> None:

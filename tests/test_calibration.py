@@ -3,20 +3,10 @@ import json
 import pytest
 import torch
 
-from lrc.calibration import (
-    EMBEDDED_SPLITS,
-    Calibration,
-    EmbeddedText,
-    HFDataset,
-    TextFile,
-    embedded_chunks,
-    held_out_windows,
-    sample_document_windows,
-    sample_windows,
-    tokenize,
-)
+from lrc.data.sources import EMBEDDED_SPLITS, EmbeddedText, HFDataset, TextFile, embedded_chunks
+from lrc.data.windows import Calibration, held_out_windows, sample_document_windows, sample_windows, tokenize
 from lrc.errors import ConfigError, DataError
-from lrc.models import byte_tokenizer
+from lrc.model.loading import byte_tokenizer
 
 
 def test_embedded_splits_are_disjoint_and_cover_the_corpus():
@@ -114,7 +104,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 def test_embedded_identity_follows_the_split_text(monkeypatch):
     """Cache keys must change when the split's text changes, even if the corpus file does not."""
-    import lrc.calibration as calibration
+    import lrc.data.sources as calibration
 
     before = EmbeddedText("test").describe()
     monkeypatch.setattr(calibration, "SPLIT_PATTERN", ("calibration", "test", "test", "calibration", "validation"))

@@ -11,13 +11,14 @@ from transformers import AutoModelForCausalLM
 
 from lrc import load_compressed, pipeline
 from lrc.allocators.mgaa import MGAA
-from lrc.calibration import Calibration, EmbeddedText
-from lrc.checkpoint import PLAN_FILE, save_compressed
+from lrc.data.sources import EmbeddedText
+from lrc.data.windows import Calibration
 from lrc.errors import DataError
-from lrc.evaluation import PerplexityBenchmark
+from lrc.eval.perplexity import PerplexityBenchmark
 from lrc.factorizers.feature_pca import FeaturePCA
-from lrc.layers import LowRankLinear
-from lrc.models import LoadedModel, tiny_random
+from lrc.model.checkpoint import PLAN_FILE, save_compressed
+from lrc.model.layers import LowRankLinear
+from lrc.model.loading import LoadedModel, tiny_random
 
 
 @pytest.fixture(scope="module")

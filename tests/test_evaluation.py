@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lrc.calibration import EmbeddedText, TextFile
+from lrc.data.sources import EmbeddedText, TextFile
 from lrc.errors import DataError, NumericalError
-from lrc.evaluation import PerplexityBenchmark, perplexity
+from lrc.eval.perplexity import PerplexityBenchmark, perplexity
 
 
 def test_perplexity_matches_manual_computation(tiny):

@@ -7,12 +7,12 @@ import torch
 
 from lrc.errors import ConfigError
 from lrc.factorizers.asvd import ASVD
-from lrc.factorizers.base import InputStatistics
 from lrc.factorizers.feature_pca import FeaturePCA
 from lrc.factorizers.fwsvd import FWSVD
 from lrc.factorizers.ressvd import ResSVD
 from lrc.factorizers.svd import PlainSVD
 from lrc.factorizers.svdllm import SVDLLM
+from lrc.stats.types import InputStatistics
 
 FACTORIZERS = {
     "svd": lambda: PlainSVD(),

@@ -1,6 +1,6 @@
 import torch
 
-from lrc.layers import LowRankLinear, replace_module
+from lrc.model.layers import LowRankLinear, replace_module
 
 
 def test_low_rank_linear_equals_dense_product(rng):

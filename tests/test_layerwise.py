@@ -6,21 +6,22 @@ import pytest
 import torch
 
 from lrc import pipeline
-from lrc.adapters import find_targets
 from lrc.allocators.bayes import Bayes
 from lrc.allocators.energy import Energy
 from lrc.allocators.mgaa import MGAA
 from lrc.allocators.uniform import Uniform
-from lrc.calibration import Calibration, EmbeddedText
+from lrc.compress.layerwise import BlockStream, LayerwiseOptions, block_on
+from lrc.data.sources import EmbeddedText
+from lrc.data.windows import Calibration
 from lrc.errors import ConfigError
-from lrc.evaluation import PerplexityBenchmark
+from lrc.eval.perplexity import PerplexityBenchmark
 from lrc.factorizers.feature_pca import FeaturePCA
 from lrc.factorizers.fwsvd import FWSVD
 from lrc.factorizers.svd import PlainSVD
 from lrc.factorizers.svdllm import SVDLLM
-from lrc.layerwise import BlockStream, LayerwiseOptions, block_on
-from lrc.models import LoadedModel, tiny_random
-from lrc.statistics import collect_statistics
+from lrc.model.adapters import find_targets
+from lrc.model.loading import LoadedModel, tiny_random
+from lrc.stats.collect import collect_statistics
 
 LAYERWISE = LayerwiseOptions(enabled=True)
 
@@ -60,7 +61,7 @@ def test_layerwise_statistics_equal_whole_model_statistics(tiny):
     windows = torch.randint(3, 250, (5, 32), generator=torch.Generator().manual_seed(0))
     kinds = frozenset({"gram", "mean_abs", "pooled_cov:3", "cosine"})
     whole = collect_statistics(model, targets, windows, kinds, batch_size=2)
-    from lrc.statistics import StatisticsHooks
+    from lrc.stats.hooks import StatisticsHooks
     stream = BlockStream(model, windows, 2, torch.device("cpu"))
     for i, block in enumerate(stream.blocks):
         hooks = StatisticsHooks(model, [t for t in targets if t.block == i], kinds, windows.numel(),
@@ -132,7 +133,7 @@ def test_layerwise_rejects_fisher_before_heavy_work(tiny, tmp_path):
 
 
 def streamed_tiny(offload, **extra):
-    from lrc.streamed import random_streamed
+    from lrc.model.streamed import random_streamed
 
     return random_streamed(offload, seed=3, vocab_size=256, hidden_size=64, intermediate_size=128,
                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, **extra)

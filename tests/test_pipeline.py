@@ -4,12 +4,14 @@ import copy
 
 import pytest
 
-from lrc import compression, pipeline
+from lrc import pipeline
 from lrc.allocators.energy import Energy
-from lrc.calibration import Calibration, EmbeddedText
-from lrc.evaluation import PerplexityBenchmark
+from lrc.compress import stage as compression
+from lrc.data.sources import EmbeddedText
+from lrc.data.windows import Calibration
+from lrc.eval.perplexity import PerplexityBenchmark
 from lrc.factorizers.svdllm import SVDLLM
-from lrc.models import LoadedModel
+from lrc.model.loading import LoadedModel
 
 
 def compress(tiny, tmp_path, allocator):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, compose
 
-from lrc.records import read_record, validate_record
+from lrc.results.records import read_record, validate_record
 from lrc.run import run
 
 TINY = ["model=tiny-random", "device=cpu", "logger=none", "calibration.nsamples=4", "calibration.seqlen=64",

@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from lrc.adapters import find_targets
 from lrc.allocators.base import Validation
 from lrc.budget import Budget, uniform_rank
-from lrc.evaluation import perplexity
+from lrc.compress.scoring import PlanScorer, ScoreMemo
+from lrc.compress.swap import apply_plan, plan_applied
+from lrc.eval.perplexity import perplexity
 from lrc.factorizers.svd import PlainSVD
-from lrc.layers import LowRankLinear
-from lrc.scoring import PlanScorer, ScoreMemo
-from lrc.swap import apply_plan, plan_applied
+from lrc.model.adapters import find_targets
+from lrc.model.layers import LowRankLinear
 
 
 @pytest.fixture

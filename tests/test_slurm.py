@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from lrc.records import read_record
+from lrc.results.records import read_record
 
 pytestmark = pytest.mark.slurm
 

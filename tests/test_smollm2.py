@@ -9,14 +9,15 @@ import struct
 import pytest
 import torch
 
-from lrc.adapters import find_targets
 from lrc.allocators.uniform import Uniform
-from lrc.calibration import Calibration, EmbeddedText
-from lrc.checkpoint import load_compressed, save_compressed
-from lrc.evaluation import PerplexityBenchmark
+from lrc.data.sources import EmbeddedText
+from lrc.data.windows import Calibration
+from lrc.eval.perplexity import PerplexityBenchmark
 from lrc.factorizers.svd import PlainSVD
 from lrc.factorizers.svdllm import SVDLLM
-from lrc.models import from_gguf_package
+from lrc.model.adapters import find_targets
+from lrc.model.checkpoint import load_compressed, save_compressed
+from lrc.model.loading import from_gguf_package
 from lrc.paths import cache_root
 from lrc.pipeline import compress_and_evaluate
 

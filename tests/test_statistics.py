@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from lrc.adapters import find_targets
-from lrc.cache import StatisticsCache
 from lrc.errors import ConfigError
-from lrc.factorizers.base import InputStatistics
-from lrc.statistics import collect_statistics, for_target, sublayer_cosine
+from lrc.model.adapters import find_targets
+from lrc.stats.cache import StatisticsCache
+from lrc.stats.collect import collect_statistics, for_target
+from lrc.stats.hooks import sublayer_cosine
+from lrc.stats.types import InputStatistics
 
 
 def test_gram_equals_inputs_outer_product(tiny):
@@ -190,7 +191,7 @@ def test_cache_ignores_a_file_whose_content_changed(tmp_path):
 
 @pytest.mark.parametrize("n", [100, 513, 600, 1000])
 def test_strip_gram_equals_the_full_product(n, rng):
-    from lrc.statistics import add_gram, symmetric
+    from lrc.stats.hooks import add_gram, symmetric
 
     x = torch.randn(300, n, generator=rng)
     acc = torch.zeros(n, n, dtype=torch.float64)
@@ -202,12 +203,12 @@ def test_strip_gram_equals_the_full_product(n, rng):
 
 
 def test_json_cache_logs_a_corrupt_entry_and_recomputes(tmp_path, caplog):
-    from lrc.cache import JsonCache
+    from lrc.files import JsonCache
 
     cache = JsonCache(tmp_path, "dense")
     assert cache.load("k") is None and not caplog.records  # absent: quietly None
     cache.save("k", {"ppl": 1.0})
     (tmp_path / "dense" / "k.json").write_text("{broken")
-    with caplog.at_level("WARNING", logger="lrc.cache"):
+    with caplog.at_level("WARNING", logger="lrc.files"):
         assert cache.load("k") is None
     assert "ignoring unreadable" in caplog.text and "k.json" in caplog.text

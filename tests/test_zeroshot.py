@@ -7,9 +7,9 @@ import torch
 from conftest import compose
 
 from lrc.errors import ConfigError
+from lrc.eval.tasks.build_offline import TASKS
+from lrc.eval.zeroshot import OFFLINE_TASKS, ZeroShotBenchmark, flatten
 from lrc.run import build_benchmarks
-from lrc.tasks.build_offline import TASKS
-from lrc.zeroshot import OFFLINE_TASKS, ZeroShotBenchmark, flatten
 
 
 def test_offline_suite_ships_its_data():

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from lrc.errors import ConfigError
-from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics, projection_decomposition, require
+from lrc.factorizers.base import Decomposition, Factorizer, projection_decomposition, require
+from lrc.stats.types import InputStatistics
 
 
 class ASVD(Factorizer):

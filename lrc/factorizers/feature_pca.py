@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from lrc.errors import ConfigError
-from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics, require
+from lrc.factorizers.base import Decomposition, Factorizer, require
+from lrc.stats.types import InputStatistics
 
 
 class FeaturePCA(Factorizer):

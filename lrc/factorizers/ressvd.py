@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from lrc.errors import ConfigError
-from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics
+from lrc.factorizers.base import Decomposition, Factorizer
 from lrc.factorizers.svdllm import SVDLLM
+from lrc.stats.types import InputStatistics
 
 METRICS = ("whitened", "plain")
 

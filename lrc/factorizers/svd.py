@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics, projection_decomposition
+from lrc.factorizers.base import Decomposition, Factorizer, projection_decomposition
+from lrc.stats.types import InputStatistics
 
 
 class PlainSVD(Factorizer):

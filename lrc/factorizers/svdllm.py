@@ -27,13 +27,8 @@ from typing import Any
 import torch
 
 from lrc.errors import ConfigError, NumericalError
-from lrc.factorizers.base import (
-    Decomposition,
-    Factorizer,
-    InputStatistics,
-    projection_decomposition,
-    require_gram,
-)
+from lrc.factorizers.base import Decomposition, Factorizer, projection_decomposition, require_gram
+from lrc.stats.types import InputStatistics
 
 ROUTES = ("cholesky", "eigh")
 

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lrc.cache import atomic_path
-from lrc.layers import LowRankLinear
-from lrc.models import LoadedModel, byte_tokenizer, resolve_dtype
+from lrc.files import atomic_path
+from lrc.model.layers import LowRankLinear
+from lrc.model.loading import LoadedModel, byte_tokenizer, resolve_dtype
 
 
 class StreamedBlocks:

@@ -80,7 +80,7 @@ def architecture_for(model: nn.Module) -> Architecture:
     if model_type not in ARCHITECTURES:
         raise ConfigError(
             f"model_type={model_type!r} is not in the adapter table (known: {', '.join(sorted(ARCHITECTURES))}); "
-            "add an entry to lrc/adapters.py"
+            "add an entry to lrc/model/adapters.py"
         )
     return ARCHITECTURES[model_type]
 

@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from lrc.cache import atomic_write_bytes, atomic_write_json
+from lrc.files import atomic_write_bytes, atomic_write_json
 
 RESULT_FILE = "result.json"
 TRIALS_FILE = "trials.csv"

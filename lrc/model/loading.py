@@ -33,7 +33,7 @@ class LoadedModel:
     tokenizer: Any
     identity: dict[str, Any] = field(default_factory=dict)
     # Where the decoder blocks live between visits to the device in layer-wise mode:
-    # None is host memory; lrc.streamed.StreamedBlocks streams them from outside memory.
+    # None is host memory; lrc.model.streamed.StreamedBlocks streams them from outside memory.
     blocks: Any = None
 
     @property

@@ -1,7 +1,7 @@
 """Scoring candidate rank plans on held-out validation windows (search-based allocators).
 
 The dense model's next-token log-probabilities are computed once; each candidate plan is
-swapped in (:func:`lrc.swap.plan_applied`), evaluated, and swapped out again. The score is
+swapped in (:func:`lrc.compress.swap.plan_applied`), evaluated, and swapped out again. The score is
 built by :meth:`lrc.allocators.base.Validation.score` from the validation perplexity and the
 reverse KL divergence KL(compressed || dense) = sum_v q_v (log q_v - log p_v), taken at every
 position of every window (as Bolaco's lib/evaluator.py does) and averaged per token here.
@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrc.adapters import TargetLinear
 from lrc.allocators.base import Score, Validation
 from lrc.budget import Budget
-from lrc.cache import atomic_write_json, cache_key
+from lrc.compress.swap import plan_applied
 from lrc.errors import NumericalError
 from lrc.factorizers.base import Decomposition
-from lrc.statistics import batches
-from lrc.swap import plan_applied
-from lrc.tracking import Tracker
+from lrc.files import atomic_write_json, cache_key
+from lrc.model.adapters import TargetLinear
+from lrc.results.tracking import Tracker
+from lrc.stats.collect import batches
 
 
 def _logprobs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:

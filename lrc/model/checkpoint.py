@@ -31,8 +31,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lrc.errors import DataError
-from lrc.layers import LowRankLinear, replace_module
-from lrc.models import resolve_dtype
+from lrc.model.layers import LowRankLinear, replace_module
+from lrc.model.loading import resolve_dtype
 
 PLAN_FILE = "lrc_plan.json"
 RESULT_FILE = "result.json"

@@ -31,13 +31,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrc.adapters import TargetLinear, decoder_blocks
 from lrc.budget import is_low_rank
-from lrc.cache import StatisticsCache
+from lrc.compress.swap import apply_plan
 from lrc.errors import ConfigError
-from lrc.factorizers.base import Decomposition, InputStatistics
-from lrc.statistics import FISHER, StatisticsHooks, batches, for_target, hooks_on, parse_kind
-from lrc.swap import apply_plan
+from lrc.factorizers.base import Decomposition
+from lrc.model.adapters import TargetLinear, decoder_blocks
+from lrc.stats.cache import StatisticsCache
+from lrc.stats.collect import batches, for_target
+from lrc.stats.hooks import StatisticsHooks, hooks_on
+from lrc.stats.kinds import FISHER, parse_kind
+from lrc.stats.types import InputStatistics
 
 log = logging.getLogger(__name__)
 

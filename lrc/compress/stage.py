@@ -1,7 +1,7 @@
 """The compression stage in its two modes: statistics -> spectra -> allocation -> factorization.
 
 Whole-model mode collects every block's statistics in one forward pass; layer-wise mode
-(:mod:`lrc.layerwise`) streams one block at a time through the device. Both return a
+(:mod:`lrc.compress.layerwise`) streams one block at a time through the device. Both return a
 :class:`Compression` (the plan, truncation errors, dampings, the plan scorer if any).
 """
 
@@ -18,20 +18,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrc.adapters import TargetLinear
 from lrc.allocators.base import AllocationContext, Allocator, MatrixInfo
 from lrc.budget import Budget, check_plan
-from lrc.cache import StatisticsCache
-from lrc.calibration import Calibration
+from lrc.compress.layerwise import LayerwiseCompressor, LayerwiseOptions, block_statistics_key, layerwise_forward
+from lrc.compress.scoring import PlanScorer, ScoreMemo
+from lrc.compress.swap import apply_plan
+from lrc.data.windows import Calibration
 from lrc.errors import ConfigError
-from lrc.factorizers.base import Decomposition, Factorizer, InputStatistics
-from lrc.layerwise import LayerwiseCompressor, LayerwiseOptions, block_statistics_key, layerwise_forward
-from lrc.models import LoadedModel
+from lrc.factorizers.base import Decomposition, Factorizer
+from lrc.model.adapters import TargetLinear
+from lrc.model.loading import LoadedModel
 from lrc.resources import Stopwatch
-from lrc.scoring import PlanScorer, ScoreMemo
-from lrc.statistics import collect_statistics, decoder_forward, for_target, sublayer_cosine
-from lrc.swap import apply_plan
-from lrc.tracking import Tracker
+from lrc.results.tracking import Tracker
+from lrc.stats.cache import StatisticsCache
+from lrc.stats.collect import collect_statistics, decoder_forward, for_target
+from lrc.stats.hooks import sublayer_cosine
+from lrc.stats.types import InputStatistics
 
 log = logging.getLogger(__name__)
 STATS_MODE = "whole-model"

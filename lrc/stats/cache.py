@@ -1,12 +1,10 @@
-"""On-disk caches shared by every run of a sweep: content-keyed, written atomically."""
+"""The statistics cache: one safetensors file per statistics kind, content-keyed, shared by a sweep."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,44 +14,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from lrc.factorizers.base import InputStatistics
+from lrc.files import atomic_path, cache_key
+from lrc.stats.kinds import kind_field
+from lrc.stats.types import InputStatistics
 
 log = logging.getLogger(__name__)
-
-
-def cache_key(parts: dict[str, Any]) -> str:
-    """A stable hash of plain data (sorted JSON)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path`` in one step.
-
-    Readers see the old file or the whole new one, never a part; a failure leaves no litter.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
 class StatisticsCache:
@@ -161,11 +126,6 @@ def _digest(tensors: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def kind_field(kind: str) -> str:
-    """The InputStatistics field a statistics kind fills (``pooled_cov:32`` -> ``pooled_cov``)."""
-    return kind.partition(":")[0]
-
-
 def _only(stats: dict[str, InputStatistics], field_name: str) -> dict[str, InputStatistics]:
     return {entry: InputStatistics(tokens=s.tokens, **{field_name: getattr(s, field_name)})
             for entry, s in stats.items() if getattr(s, field_name) is not None}
@@ -180,23 +140,3 @@ def _merge(parts: Iterable[dict[str, InputStatistics]]) -> dict[str, InputStatis
                 if getattr(s, f) is not None:
                     setattr(into, f, getattr(s, f))
     return merged
-
-
-class JsonCache:
-    """Small JSON records (e.g. dense-model metrics) keyed by content."""
-
-    def __init__(self, root: Path, kind: str) -> None:
-        self.root = Path(root) / kind
-
-    def load(self, key: str) -> dict[str, Any] | None:
-        path = self.root / f"{key}.json"
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, json.JSONDecodeError) as exc:
-            log.warning("cache: ignoring unreadable %s (%s); it will be recomputed", path, exc)
-            return None
-
-    def save(self, key: str, value: dict[str, Any]) -> None:
-        atomic_write_json(self.root / f"{key}.json", value)

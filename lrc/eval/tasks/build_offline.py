@@ -1,10 +1,10 @@
 """Rebuild the offline zero-shot suite's data from the BIG-bench sdist on PyPI.
 
     pip download bigbench==1.0.0 --no-deps --no-binary :all:   # or fetch the .tar.gz directly
-    python -m lrc.tasks.build_offline bigbench-1.0.0.tar.gz
+    python -m lrc.eval.tasks.build_offline bigbench-1.0.0.tar.gz
 
 Reads each task's ``task.json`` straight from the archive, keeps a fixed, seeded sample of
-``--per-task`` multiple-choice examples and writes ``lrc/tasks/offline/data/<task>.jsonl``
+``--per-task`` multiple-choice examples and writes ``lrc/eval/tasks/offline/data/<task>.jsonl``
 with ``{"id", "question", "choices", "label"}`` rows. The output is deterministic, so the
 shipped files can be checked against a rebuild.
 """

@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrc.adapters import TargetLinear
 from lrc.budget import is_low_rank
 from lrc.factorizers.base import Decomposition
-from lrc.layers import LowRankLinear, replace_module
+from lrc.model.adapters import TargetLinear
+from lrc.model.layers import LowRankLinear, replace_module
 
 
 def low_rank_layer(dense: nn.Linear, dec: Decomposition, rank: int) -> LowRankLinear:

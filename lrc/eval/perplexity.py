@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lrc.calibration import tokenize
+from lrc.data.windows import tokenize
 from lrc.errors import ConfigError, DataError, NumericalError
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class PerplexityBenchmark:
     """Perplexity of a text source; reported as ``ppl/<name>``."""
 
     name: str
-    source: Any  # an lrc.calibration text source
+    source: Any  # an lrc.data.sources text source
     seqlen: int = 512
     batch_size: int = 4
     max_windows: int | None = None  # None: every window

@@ -2,7 +2,7 @@
 
 The model is wrapped as ``HFLM(pretrained=model, tokenizer=tokenizer)`` and evaluated with
 ``lm_eval.simple_evaluate``; lm-eval's own task registry is used, plus lrc's offline suite
-(``lrc/tasks/offline``: BIG-bench multiple-choice tasks shipped in the package, tag
+(``lrc/eval/tasks/offline``: BIG-bench multiple-choice tasks shipped in the package, tag
 ``lrc_offline``), so ``tasks`` may name either. Results are reported as
 ``lm_eval/<task>/<metric>`` and ``lm_eval/mean_acc`` (the mean of every task's ``acc``).
 """

@@ -1,0 +1,1 @@
+"""The compression stage: one decomposition -> allocation -> factorization path, plan scoring and swapping."""

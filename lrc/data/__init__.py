@@ -1,0 +1,1 @@
+"""Text sources and the deterministic token windows drawn from them."""

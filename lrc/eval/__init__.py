@@ -1,0 +1,1 @@
+"""Benchmarks: perplexity, lm-eval zero-shot tasks, the offline task suite."""

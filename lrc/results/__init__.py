@@ -1,0 +1,1 @@
+"""What a run leaves behind: the record schema, W&B tracking, plots."""
