@@ -35,6 +35,7 @@ from lrc.allocators.ressvd_plc import ResSVDPLC
 from lrc.allocators.uniform import Uniform
 from lrc.budget import is_low_rank
 from lrc.compress.layerwise import LayerwiseOptions
+from lrc.compress.stage import Method
 from lrc.data.sources import EmbeddedText
 from lrc.data.windows import Calibration
 from lrc.eval.perplexity import PerplexityBenchmark
@@ -42,7 +43,7 @@ from lrc.factorizers.svd import PlainSVD
 from lrc.factorizers.svdllm import SVDLLM
 from lrc.model.adapters import find_targets
 from lrc.model.loading import from_gguf_package, resolve_device
-from lrc.pipeline import compress_and_evaluate, model_size
+from lrc.pipeline import RunSpec, Settings, compress_and_evaluate, model_size
 from lrc.resources import peak_device_bytes, peak_host_bytes, reset_peak_device, reset_peak_host
 
 GiB = 2**30
@@ -135,16 +136,17 @@ def main() -> None:
                   if args.model == "smollm2" else [])
     cache = Path(tempfile.mkdtemp(prefix="lrc-bench-cache-"))
     try:
-        outcome = compress_and_evaluate(loaded, factorizer, allocator, args.ratio, calibration, benchmarks,
-                                        cache_dir=cache, measure_forward=True, device=device,
-                                        layerwise=LayerwiseOptions(args.layerwise, args.compressed_inputs))
+        settings = Settings(cache_dir=cache, device=device,
+                            layerwise=LayerwiseOptions(args.layerwise, args.compressed_inputs))
+        spec = RunSpec(Method(factorizer, allocator), args.ratio, calibration, benchmarks, settings)
+        outcome = compress_and_evaluate(loaded, spec)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-        if args.model == "random-7b" and loaded.blocks is not None:
+        if args.model == "random-7b":
             shutil.rmtree(loaded.blocks.offload_dir, ignore_errors=True)
-    timings = {"load_s": load_s, **outcome.timings}
+    timings = {"load_s": load_s, **outcome.usage.timings}
     memory = {"load_peak_host": load_host, **({"load_peak_device": load_dev} if load_dev else {}),
-              **outcome.memory}
+              **outcome.usage.memory}
 
     tokens = args.nsamples * args.seqlen
     widths = {t.group: t.shape[1] for t in targets}

@@ -78,8 +78,8 @@ def measure(path: str, batch_sizes: list[int], prompt_lengths: list[int], new_to
 def build_checkpoints(ratios: list[float], folder: Path) -> dict[str, Path]:
     """The dense model and one uniform SVD-LLM compression per ratio, saved under ``folder``."""
     from lrc.budget import Budget
-    from lrc.compress.stage import calibration_statistics, decompose_all
     from lrc.compress.swap import plan_applied
+    from lrc.compress.visits import calibration_statistics
     from lrc.data.sources import EmbeddedText
     from lrc.data.windows import Calibration
     from lrc.factorizers.svdllm import SVDLLM
@@ -100,10 +100,8 @@ def build_checkpoints(ratios: list[float], folder: Path) -> dict[str, Path]:
                                       StatisticsCache(cache_root()))
     by_name = {t.name: t for t in targets}
     factorizer = SVDLLM()
-    decompositions: dict = {}
-    decompose_all(targets, lambda n: factorizer.decompose(model.get_submodule(n).weight,
-                                                          for_target(stats, by_name[n])),
-                  decompositions, keep_all=True)
+    decompositions = {t.name: factorizer.decompose(model.get_submodule(t.name).weight,
+                                                    for_target(stats, by_name[t.name])) for t in targets}
     for ratio in ratios:
         budget = Budget({t.name: t.shape for t in targets}, ratio)
         plan = _uniform(targets, budget)

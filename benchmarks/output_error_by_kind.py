@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 
 from lrc.budget import uniform_rank
-from lrc.compress.stage import calibration_statistics
+from lrc.compress.visits import calibration_statistics
 from lrc.data.sources import EmbeddedText
 from lrc.data.windows import Calibration
 from lrc.factorizers.asvd import ASVD

@@ -23,8 +23,8 @@ from lrc.allocators.base import AllocationContext, MatrixInfo
 from lrc.allocators.mgaa import MGAA
 from lrc.allocators.uniform import Uniform
 from lrc.budget import Budget, check_plan
-from lrc.compress.stage import calibration_statistics
 from lrc.compress.swap import plan_applied
+from lrc.compress.visits import calibration_statistics
 from lrc.data.sources import EmbeddedText, PythonDocs
 from lrc.data.windows import Calibration
 from lrc.eval.perplexity import PerplexityBenchmark, perplexity

@@ -1,7 +1,8 @@
 """lrc: low-rank (SVD-based) compression of large language models.
 
-The pipeline reads top to bottom in :func:`lrc.pipeline.compress_and_evaluate`;
-only :mod:`lrc.run` sees the Hydra config.
+A run reads top to bottom in :func:`lrc.pipeline.compress_and_evaluate`; the folders are its
+stages (``data``, ``stats``, ``compress``, ``eval``, ``results``; ``model``; the maths in
+``allocators`` and ``factorizers``). Only :mod:`lrc.run` and :mod:`lrc.config` see Hydra.
 """
 
 from lrc.errors import LrcError

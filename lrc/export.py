@@ -13,18 +13,17 @@ import logging
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
+from lrc.config.build import from_record, load_model, run_spec
 from lrc.errors import DataError, LrcError
 from lrc.model.checkpoint import save_compressed
-from lrc.results.records import RESULT_FILE, read_record
+from lrc.paths import CHECKPOINT_DIR, RESULT_FILE
+from lrc.pipeline import compress_and_evaluate
+from lrc.results.records import read_record
 
 log = logging.getLogger("lrc.export")
 
 
 def export(run_dir: str | Path, out: str | Path | None = None, merge: bool = False) -> Path:
-    from lrc.run import CHECKPOINT_DIR, prepare
-
     run_dir = Path(run_dir)
     try:
         record = read_record(run_dir / RESULT_FILE)
@@ -32,10 +31,10 @@ def export(run_dir: str | Path, out: str | Path | None = None, merge: bool = Fal
         raise DataError(f"{run_dir}: no readable {RESULT_FILE} ({exc})") from None
     if record.get("status") != "done" or "config" not in record:
         raise DataError(f"{run_dir / RESULT_FILE}: the run did not finish (status {record.get('status')!r})")
-    cfg = OmegaConf.create(record["config"])
-    job = prepare(cfg)
-    loaded, _ = job.load(cfg)
-    outcome = job.compress(loaded, cfg, benchmarks=False)
+    cfg = from_record(record["config"])
+    spec = run_spec(cfg, benchmarks=False)
+    loaded, _ = load_model(cfg, spec)
+    outcome = compress_and_evaluate(loaded, spec)
     if outcome.ranks != record["ranks"]:
         changed = sorted(k for k in record["ranks"] if outcome.ranks.get(k) != record["ranks"][k])
         raise DataError(f"re-compressing {run_dir} gave another rank plan ({len(changed)} matrices differ, "

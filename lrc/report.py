@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lrc.files import atomic_write_bytes
-from lrc.results.records import RESULT_FILE
+from lrc.paths import RESULT_FILE
 
 log = logging.getLogger(__name__)
 WANDB_PREFIX = "wandb:"

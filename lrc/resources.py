@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +44,14 @@ def reset_peak_device(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What a run used: seconds per stage and peak bytes per stage (see :class:`Stopwatch`)."""
+
+    timings: dict[str, float]
+    memory: dict[str, int]
+
+
 class Stopwatch:
     """Seconds per stage (``watch("calibration_s")`` laps add up) and each stage's peak host
     and device memory (bytes, under ``memory["<stage>_peak_host"]`` / ``_peak_device``).
@@ -78,3 +87,6 @@ class Stopwatch:
 
     def _peak(self, key: str, value: int) -> None:
         self.memory[key] = max(self.memory.get(key, 0), value)
+
+    def usage(self) -> Usage:
+        return Usage(dict(self.timings), dict(self.memory))

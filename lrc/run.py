@@ -1,7 +1,8 @@
 """Hydra entry point: ``python -m lrc.run [overrides]`` / ``python -m lrc.run -m a=1,2 b=x,y``.
 
-The only module that sees the DictConfig: it builds plain objects from the config groups,
-calls :func:`lrc.pipeline.compress_and_evaluate` and writes ``result.json`` atomically into
+It builds the run's typed objects from the config (:mod:`lrc.config.build`), calls
+:func:`lrc.pipeline.compress_and_evaluate`, logs the outcome to W&B in one place
+(:func:`lrc.results.tracking.log_outcome`) and writes ``result.json`` atomically into
 the run's Hydra output directory. Bad input ends in one clear line (exit code 2); in a
 multirun a failed job is recorded (status "failed") and the sweep goes on.
 """
@@ -16,106 +17,24 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lrc.allocators.base import Allocator
-from lrc.allocators.keep_dense import KeepDense
-from lrc.budget import check_ratio
-from lrc.compress.layerwise import LayerwiseOptions
-from lrc.data.windows import Calibration
-from lrc.errors import ConfigError, LrcError
-from lrc.eval.perplexity import PerplexityBenchmark
-from lrc.eval.zeroshot import ZeroShotBenchmark
+from lrc.config.build import build, load_model, run_spec
+from lrc.errors import LrcError
 from lrc.model.checkpoint import save_compressed
-from lrc.model.loading import resolve_device
-from lrc.paths import cache_root
-from lrc.results.records import RESULT_FILE, read_record, versions, write_record, write_trials
+from lrc.paths import CHECKPOINT_DIR, RESULT_FILE
+from lrc.pipeline import compress_and_evaluate
+from lrc.results.outcome import Outcome
+from lrc.results.records import TIMING_KEYS, read_record, versions, write_record, write_trials
+from lrc.results.tracking import log_outcome
 
 log = logging.getLogger("lrc")
-CHECKPOINT_DIR = "model"  # save=true writes the compressed model here, inside the run folder
-
-
-def build(node: Any, what: str, **kwargs: Any) -> Any:
-    """``instantiate`` with a one-line error naming the config group and the bad option.
-
-    A ``name`` key labels the choice for records and reports and is not passed on.
-    """
-    spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    spec.pop("name", None)
-    try:
-        built = instantiate(spec, _convert_="all")
-        return built(**kwargs) if kwargs else built
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, LrcError):
-            raise cause from None
-        detail = str(cause) if cause is not None else str(exc).splitlines()[-1]
-        raise ConfigError(f"{what}: {detail.strip()}") from None
-    except TypeError as exc:  # a partial called with options it does not take
-        raise ConfigError(f"{what}: {exc}") from None
-
-
-def build_benchmarks(cfg: DictConfig) -> list[PerplexityBenchmark | ZeroShotBenchmark]:
-    benches: list[PerplexityBenchmark | ZeroShotBenchmark] = []
-    for name, node in (cfg.benchmark.get("perplexity") or {}).items():
-        opts = OmegaConf.to_container(node, resolve=True)
-        source = build(node.source, f"benchmark.perplexity.{name}.source")
-        opts.pop("source")
-        try:
-            benches.append(PerplexityBenchmark(name=name, source=source, **opts))
-        except TypeError as exc:
-            raise ConfigError(f"benchmark.perplexity.{name}: {exc}") from None
-    zeroshot = cfg.benchmark.get("zeroshot")
-    if zeroshot:
-        try:
-            bench = ZeroShotBenchmark(**OmegaConf.to_container(zeroshot, resolve=True))
-        except TypeError as exc:
-            raise ConfigError(f"benchmark.zeroshot: {exc}") from None
-        bench.check()  # unknown task names fail here, before the model is loaded
-        benches.append(bench)
-    if not benches:
-        raise ConfigError(f"benchmark={cfg.benchmark.get('name')!r} defines no benchmark")
-    return benches
-
-
-def layerwise_options(cfg: DictConfig) -> LayerwiseOptions:
-    spec = OmegaConf.to_container(cfg.get("layerwise") or {}, resolve=True)
-    known = {f.name for f in fields(LayerwiseOptions)}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ConfigError(f"layerwise: unknown option(s) {unknown}; known: {sorted(known)}")
-    for key, value in spec.items():
-        if not isinstance(value, bool):
-            raise ConfigError(f"layerwise.{key}={value!r} must be true or false")
-    return LayerwiseOptions(**spec)
-
-
-def build_allocator(node: DictConfig) -> Allocator:
-    """The allocator of ``node``; a non-empty ``keep_dense`` wraps it in :class:`KeepDense`."""
-    spec = OmegaConf.to_container(node, resolve=True)
-    keep = spec.pop("keep_dense", None) or []
-    what = f"allocator={spec.get('name')}"
-    if not isinstance(keep, list):
-        raise ConfigError(f"{what}: keep_dense={keep!r} must be a list of projection names, e.g. [v_proj]")
-    allocator = build(spec, what)
-    return KeepDense(allocator, keep) if keep else allocator
-
-
-def build_calibration(cfg: DictConfig) -> Calibration:
-    node = cfg.calibration
-    source = build(node.source, "calibration.source")
-    opts = {k: node[k] for k in ("nsamples", "seqlen", "seed", "sampling", "batch_size") if k in node}
-    validation = build(node.validation, "calibration.validation") if node.get("validation") else None
-    return Calibration(source=source, validation=validation, **opts)  # validates its options
 
 
 def environment() -> dict[str, str]:
@@ -148,68 +67,18 @@ def job_dirname(overrides: str, limit: int = 200) -> str:
 OmegaConf.register_new_resolver("lrc_job_dirname", job_dirname, replace=True)  # conf/config.yaml hydra.sweep.subdir
 
 
-@dataclass
-class Job:
-    """Everything a config builds, ready for :func:`lrc.pipeline.compress_and_evaluate`."""
-
-    ratio: float
-    factorizer: Any
-    allocator: Any
-    calibration: Calibration
-    benchmarks: list[Any]
-    layerwise: LayerwiseOptions
-    device: Any
-
-    def load(self, cfg: DictConfig) -> tuple[Any, float]:
-        """The model (on the host in layer-wise mode, which moves one block at a time to the
-        device) and the seconds loading took."""
-        t0 = time.perf_counter()
-        load_on = {"device": "cpu"} if self.layerwise.enabled else {}
-        loaded = build(OmegaConf.merge(cfg.model.load, load_on), f"model={cfg.model.get('name')}")
-        load_s = time.perf_counter() - t0
-        log.info("loaded %s (%s) on %s in %.1fs", cfg.model.get("name"), type(loaded.model).__name__,
-                 loaded.device, load_s)
-        return loaded, load_s
-
-    def compress(self, loaded: Any, cfg: DictConfig, tracker: Any = None, benchmarks: bool = True) -> Any:
-        from lrc.pipeline import compress_and_evaluate
-
-        return compress_and_evaluate(loaded, self.factorizer, self.allocator, self.ratio, self.calibration,
-                                     self.benchmarks if benchmarks else [], cache_dir=cache_root(cfg.cache_dir),
-                                     tracker=tracker, measure_forward=cfg.measure_forward and benchmarks,
-                                     layerwise=self.layerwise, device=self.device)
-
-
-def prepare(cfg: DictConfig) -> Job:
-    """Validate and build every part of the config (bad input fails here, before any heavy work)."""
-    return Job(ratio=check_ratio(cfg.ratio),
-               factorizer=build(cfg.factorizer, f"factorizer={cfg.get('factorizer', {}).get('name')}"),
-               allocator=build_allocator(cfg.allocator),
-               calibration=build_calibration(cfg), benchmarks=build_benchmarks(cfg),
-               layerwise=layerwise_options(cfg), device=resolve_device(cfg.device))
-
-
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Validate, build, compress, evaluate; return the record (also written to result.json)."""
     start = time.perf_counter()
-    job = prepare(cfg)
-    ratio = job.ratio
+    spec = run_spec(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
-    loaded, load_s = job.load(cfg)
-
+    loaded, load_s = load_model(cfg, spec)
     tracker = build(cfg.logger, "logger", output_dir=output_dir, config=config)
     with tracker:
-        outcome = job.compress(loaded, cfg, tracker)
-        timings = {"load_s": load_s, **outcome.timings}
-        for key in ("calibration_s", "allocation_s", "factorization_s", "benchmark_s"):
-            timings.setdefault(key, 0.0)
-        timings["total_s"] = time.perf_counter() - start
-        record = {"status": "done", "config": config, "ranks": outcome.ranks, "params": outcome.params,
-                  "metrics": outcome.metrics, "dense_metrics": outcome.dense_metrics, "timings": timings,
-                  "memory": outcome.memory,
-                  "versions": versions(), "diagnostics": outcome.diagnostics, "environment": environment()}
+        outcome = compress_and_evaluate(loaded, spec)
+        log_outcome(tracker, outcome, spec.ratio)
+        record = make_record(config, outcome, load_s, time.perf_counter() - start)
         if outcome.trials:
-            record["trials"] = outcome.trials
             log.info("trials: %s", write_trials(output_dir, outcome.trials))
         if cfg.get("save"):
             record["checkpoint"] = str(output_dir / CHECKPOINT_DIR)
@@ -220,8 +89,22 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         path = write_record(output_dir, record)
     for metric, value in outcome.metrics.items():
         log.info("%s: dense %.4g -> compressed %.4g (x%.2f) at ratio %.2f", metric, outcome.dense_metrics[metric],
-                 value, value / outcome.dense_metrics[metric], ratio)
+                 value, value / outcome.dense_metrics[metric], spec.ratio)
     log.info("result: %s", path)
+    return record
+
+
+def make_record(config: dict[str, Any], outcome: Outcome, load_s: float, total_s: float) -> dict[str, Any]:
+    """The finished run's record (schema: :mod:`lrc.results.records`)."""
+    timings = {"load_s": load_s, **outcome.usage.timings, "total_s": total_s}
+    for key in TIMING_KEYS:
+        timings.setdefault(key, 0.0)
+    record = {"status": "done", "config": config, "ranks": outcome.ranks, "params": outcome.params,
+              "metrics": outcome.metrics, "dense_metrics": outcome.dense_metrics, "timings": timings,
+              "memory": outcome.usage.memory, "versions": versions(), "diagnostics": outcome.diagnostics,
+              "environment": environment()}
+    if outcome.trials:
+        record["trials"] = outcome.trials
     return record
 
 

@@ -47,3 +47,15 @@ def compose(overrides: list[str]):
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def spec(factorizer, allocator, ratio, calibration, benchmarks, cache_dir, measure_forward=True, layerwise=None,
+         device=None):
+    """A RunSpec from the parts a test varies (the pipeline's own arguments are small typed objects)."""
+    from lrc.compress.layerwise import LayerwiseOptions
+    from lrc.compress.stage import Method
+    from lrc.pipeline import RunSpec, Settings
+
+    settings = Settings(cache_dir=cache_dir, device=device, layerwise=layerwise or LayerwiseOptions(),
+                        measure_forward=measure_forward)
+    return RunSpec(Method(factorizer, allocator), ratio, calibration, benchmarks, settings)

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 import torch
+from conftest import spec
 from transformers import AutoModelForCausalLM
 
 from lrc import load_compressed, pipeline
@@ -28,8 +29,8 @@ def compressed(tmp_path_factory):
     loaded = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, tiny.identity)
     calibration = Calibration(EmbeddedText(), nsamples=4, seqlen=64)
     bench = [PerplexityBenchmark("embedded", EmbeddedText("test"), seqlen=64, max_windows=4)]
-    outcome = pipeline.compress_and_evaluate(loaded, FeaturePCA(groups=4), MGAA(), 0.4, calibration, bench,
-                                             cache_dir=tmp_path_factory.mktemp("cache"), measure_forward=False)
+    outcome = pipeline.compress_and_evaluate(loaded, spec(FeaturePCA(groups=4), MGAA(), 0.4, calibration, bench,
+                                             cache_dir=tmp_path_factory.mktemp("cache"), measure_forward=False))
     return loaded, outcome
 
 

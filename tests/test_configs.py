@@ -9,7 +9,7 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from lrc.allocators.keep_dense import KeepDense
-from lrc.run import build, build_allocator, build_benchmarks, build_calibration
+from lrc.config.build import build, build_allocator, build_benchmarks, build_calibration
 
 GROUPS = ["model", "calibration", "allocator", "factorizer", "benchmark", "logger"]
 REQUIRED = {("calibration", "textfile"): ["calibration.path=/tmp/x.txt"],

@@ -1,6 +1,7 @@
 """Second architecture: Gemma 3 270M from its PyPI chunk packages, end to end (slow: ~3 min)."""
 
 import pytest
+from conftest import spec
 
 from lrc.allocators.uniform import Uniform
 from lrc.data.sources import EmbeddedText
@@ -22,10 +23,10 @@ def test_gemma3_compresses_end_to_end():
     assert len(targets) == 18 * 7
     assert {t.kind: t.shape for t in targets if t.block == 0}["k_proj"] == (256, 640)  # 1 kv head of 256
     outcome = compress_and_evaluate(
-        loaded, SVDLLM(), Uniform(), ratio=0.2,
+        loaded, spec(SVDLLM(), Uniform(), ratio=0.2,
         calibration=Calibration(EmbeddedText("calibration"), nsamples=4, seqlen=256),
         benchmarks=[PerplexityBenchmark("embedded", EmbeddedText("test"), seqlen=256, max_windows=4)],
-        cache_dir=cache_root(), measure_forward=False)
+        cache_dir=cache_root(), measure_forward=False))
     dense, compressed = outcome.dense_metrics["ppl/embedded"], outcome.metrics["ppl/embedded"]
     assert 1 < dense < compressed < 20 * dense
     assert abs(outcome.params["removed_fraction"] - 0.2) < 0.002

@@ -4,13 +4,15 @@ import copy
 
 import pytest
 import torch
+from conftest import spec
 
 from lrc import pipeline
 from lrc.allocators.bayes import Bayes
 from lrc.allocators.energy import Energy
 from lrc.allocators.mgaa import MGAA
 from lrc.allocators.uniform import Uniform
-from lrc.compress.layerwise import BlockStream, LayerwiseOptions, block_on
+from lrc.compress.layerwise import LayerwiseOptions
+from lrc.compress.stream import BlockStream
 from lrc.data.sources import EmbeddedText
 from lrc.data.windows import Calibration
 from lrc.errors import ConfigError
@@ -20,6 +22,7 @@ from lrc.factorizers.fwsvd import FWSVD
 from lrc.factorizers.svd import PlainSVD
 from lrc.factorizers.svdllm import SVDLLM
 from lrc.model.adapters import find_targets
+from lrc.model.blocks import ResidentBlocks
 from lrc.model.loading import LoadedModel, tiny_random
 from lrc.stats.collect import collect_statistics
 
@@ -31,8 +34,8 @@ def compress(tiny, cache, allocator, factorizer=None, layerwise=None, ratio=0.4,
     loaded = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.identity)
     calibration = Calibration(EmbeddedText(), nsamples=6, seqlen=64, batch_size=4)
     bench = [PerplexityBenchmark("embedded", EmbeddedText("test"), seqlen=64, max_windows=8)]
-    outcome = pipeline.compress_and_evaluate(loaded, factorizer or SVDLLM(), allocator, ratio, calibration, bench,
-                                             cache_dir=cache, measure_forward=False, layerwise=layerwise)
+    outcome = pipeline.compress_and_evaluate(loaded, spec(factorizer or SVDLLM(), allocator, ratio, calibration, bench,
+                                             cache_dir=cache, measure_forward=False, layerwise=layerwise))
     return outcome, loaded.model
 
 
@@ -66,7 +69,7 @@ def test_layerwise_statistics_equal_whole_model_statistics(tiny):
     for i, block in enumerate(stream.blocks):
         hooks = StatisticsHooks(model, [t for t in targets if t.block == i], kinds, windows.numel(),
                                 torch.device("cpu"), blocks=[i])
-        with block_on(block, torch.device("cpu")):
+        with ResidentBlocks().visit(0, block, torch.device("cpu")):
             stream.run(i, hooks)
         for key, s in hooks.finish().items():
             for field in ("gram", "mean_abs", "pooled_cov", "cosine"):
@@ -146,9 +149,9 @@ def test_streamed_blocks_give_the_resident_result_and_stay_out_of_memory(tmp_pat
     streamed = streamed_tiny(tmp_path / "offload")
     resident = streamed_tiny(tmp_path / "unused")
     resident.blocks.materialize(resident.model.model.layers)  # same weights, in memory for good
-    resident.blocks = None
-    outcomes = [pipeline.compress_and_evaluate(loaded, SVDLLM(), MGAA(), 0.4, calibration, [],
-                                               cache_dir=tmp_path / name, measure_forward=True, layerwise=LAYERWISE)
+    resident.blocks = ResidentBlocks()
+    outcomes = [pipeline.compress_and_evaluate(loaded, spec(SVDLLM(), MGAA(), 0.4, calibration, [],
+                                               cache_dir=tmp_path / name, measure_forward=True, layerwise=LAYERWISE))
                 for name, loaded in (("s", streamed), ("r", resident))]
     assert outcomes[0].ranks == outcomes[1].ranks
     assert outcomes[0].diagnostics["truncation_error"] == pytest.approx(outcomes[1].diagnostics["truncation_error"])
@@ -169,8 +172,8 @@ def test_streamed_model_needs_layerwise_and_no_whole_model_work(tmp_path):
             (LAYERWISE, bench, Uniform(), "cannot be benchmarked whole"),
             (LAYERWISE, [], Bayes(n_trials=2), "scores plans on the whole model")]:
         with pytest.raises(ConfigError, match=message):
-            pipeline.compress_and_evaluate(loaded, SVDLLM(), allocator, 0.4, calibration, benchmarks,
-                                           cache_dir=tmp_path, layerwise=layerwise)
+            pipeline.compress_and_evaluate(loaded, spec(SVDLLM(), allocator, 0.4, calibration, benchmarks,
+                                           cache_dir=tmp_path, layerwise=layerwise))
 
 
 def test_partial_layer_plan_collects_statistics_of_compressed_blocks_only(tmp_path):
@@ -182,8 +185,8 @@ def test_partial_layer_plan_collects_statistics_of_compressed_blocks_only(tmp_pa
         loaded = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.identity)
         calibration = Calibration(EmbeddedText(), nsamples=4, seqlen=64)
         bench = [PerplexityBenchmark("embedded", EmbeddedText("test"), seqlen=64, max_windows=4)]
-        outcomes[mode] = pipeline.compress_and_evaluate(loaded, SVDLLM(), ResSVDPLC(k=2), 0.2, calibration, bench,
-                                                        cache_dir=tmp_path / mode, layerwise=layerwise)
+        outcomes[mode] = pipeline.compress_and_evaluate(loaded, spec(SVDLLM(), ResSVDPLC(k=2), 0.2, calibration, bench,
+                                                        cache_dir=tmp_path / mode, layerwise=layerwise))
     assert outcomes["layer"].ranks == outcomes["whole"].ranks
     assert outcomes["layer"].metrics["ppl/embedded"] == pytest.approx(outcomes["whole"].metrics["ppl/embedded"],
                                                                      rel=1e-5)

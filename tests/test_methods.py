@@ -7,9 +7,10 @@ from test_run import TINY
 from lrc.allocators.keep_dense import KeepDense
 from lrc.allocators.mgaa import MGAA
 from lrc.budget import Budget, check_plan
+from lrc.config.build import run_spec
 from lrc.factorizers.svdllm import SVDLLM
 from lrc.report import method, rows
-from lrc.run import prepare, run
+from lrc.run import run
 
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 SMALL_SEARCH = ["trials=4", "allocator.validation.nsamples=2", "allocator.validation.seqlen=64",
@@ -69,14 +70,15 @@ def test_bolaco_keeps_v_dense_counts_its_biases_and_reports_both_removals(tmp_pa
 @pytest.mark.parametrize("name", METHODS)
 def test_command_line_overrides_go_on_top_of_a_method(name):
     """Any allocator or factorizer replaces the preset's, and what is built is exactly that one."""
-    job = prepare(compose([*TINY, f"method={name}", "allocator=mgaa", "factorizer=svdllm"]))
-    plain = prepare(compose([*TINY, "allocator=mgaa", "factorizer=svdllm"]))
-    assert type(job.allocator) is MGAA and vars(job.allocator) == vars(plain.allocator)  # nothing of the preset leaks
-    assert type(job.factorizer) is SVDLLM and vars(job.factorizer) == vars(plain.factorizer)
+    job = run_spec(compose([*TINY, f"method={name}", "allocator=mgaa", "factorizer=svdllm"]))
+    plain = run_spec(compose([*TINY, "allocator=mgaa", "factorizer=svdllm"]))
+    # nothing of the preset leaks
+    assert type(job.method.allocator) is MGAA and vars(job.method.allocator) == vars(plain.method.allocator)
+    assert type(job.method.factorizer) is SVDLLM and vars(job.method.factorizer) == vars(plain.method.factorizer)
 
 
 def test_options_go_on_top_of_a_method():
-    job = prepare(compose([*TINY, "method=bolaco", "allocator.n_trials=7", "allocator.validation.objective=log"]))
-    assert isinstance(job.allocator, KeepDense) and job.allocator.kinds == ("v_proj",)
-    assert job.allocator.inner.n_trials == 7 and job.allocator.validation.objective == "log"
-    assert job.allocator.inner.budget == "window" and job.allocator.inner.rank_multiple == 8
+    job = run_spec(compose([*TINY, "method=bolaco", "allocator.n_trials=7", "allocator.validation.objective=log"]))
+    assert isinstance(job.method.allocator, KeepDense) and job.method.allocator.kinds == ("v_proj",)
+    assert job.method.allocator.inner.n_trials == 7 and job.method.allocator.validation.objective == "log"
+    assert job.method.allocator.inner.budget == "window" and job.method.allocator.inner.rank_multiple == 8

@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+from conftest import spec
 
 from lrc import pipeline
 from lrc.allocators.energy import Energy
@@ -18,8 +19,8 @@ def compress(tiny, tmp_path, allocator):
     loaded = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, tiny.identity)
     calibration = Calibration(EmbeddedText(), nsamples=4, seqlen=64)
     bench = [PerplexityBenchmark("embedded", EmbeddedText("test"), seqlen=64, max_windows=8)]
-    return pipeline.compress_and_evaluate(loaded, SVDLLM(), allocator, 0.4, calibration, bench,
-                                          cache_dir=tmp_path, measure_forward=False)
+    return pipeline.compress_and_evaluate(loaded, spec(SVDLLM(), allocator, 0.4, calibration, bench,
+                                          cache_dir=tmp_path, measure_forward=False))
 
 
 def test_spectrum_allocators_give_the_same_result_when_decompositions_are_not_kept(tiny, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+from conftest import spec
 
 from lrc.allocators.uniform import Uniform
 from lrc.data.sources import EmbeddedText
@@ -39,8 +40,8 @@ def test_smollm2_shapes_and_known_ordering(tmp_path):
     bench = [PerplexityBenchmark("embedded", EmbeddedText("test"), seqlen=512, max_windows=4)]
     common = dict(ratio=0.2, calibration=calibration, benchmarks=bench, cache_dir=cache_root(),
                   measure_forward=False)
-    whitened = compress_and_evaluate(loaded, SVDLLM(), Uniform(), **common)
-    plain = compress_and_evaluate(load(), PlainSVD(), Uniform(), **common)
+    whitened = compress_and_evaluate(loaded, spec(SVDLLM(), Uniform(), **common))
+    plain = compress_and_evaluate(load(), spec(PlainSVD(), Uniform(), **common))
     dense = whitened.dense_metrics["ppl/embedded"]
     assert 10 < dense < 200
     assert whitened.metrics["ppl/embedded"] < 3 * dense

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import compose
 
+from lrc.config.build import build_benchmarks
 from lrc.errors import ConfigError
 from lrc.eval.tasks.build_offline import TASKS
 from lrc.eval.zeroshot import OFFLINE_TASKS, ZeroShotBenchmark, flatten
-from lrc.run import build_benchmarks
 
 
 def test_offline_suite_ships_its_data():

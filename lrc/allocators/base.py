@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -160,13 +160,6 @@ class Allocator(ABC):
     def report(self, value: dict[str, Any]) -> None:
         self._report = value
 
-    def describe(self) -> dict[str, Any]:
-        out = {"name": type(self).__name__}
-        for key, value in vars(self).items():
-            if not key.startswith("_"):
-                out[key] = asdict(value) if isinstance(value, Validation) else str(value)
-        return out
-
 
 def check_spectrum_source(value: str | None) -> str | None:
     if value is not None and value not in SPECTRUM_SOURCES:
@@ -176,3 +169,19 @@ def check_spectrum_source(value: str | None) -> str | None:
 
 def blocks_of(matrices: Sequence[MatrixInfo]) -> list[int]:
     return sorted({m.block for m in matrices})
+
+
+def check_ratio_bounds(min_ratio: float, max_ratio: float, below_zero: bool = False) -> tuple[float, float]:
+    """The removal ratios an allocator may give any group: 0 <= min_ratio < max_ratio < 1, or
+    -1 < min_ratio with ``below_zero`` (a search whose candidates may keep a group dense)."""
+    low_ok = -1.0 < min_ratio if below_zero else 0.0 <= min_ratio
+    if not (low_ok and min_ratio < max_ratio < 1.0):
+        low = "-1 <" if below_zero else "0 <="
+        raise ConfigError(f"need {low} min_ratio < max_ratio < 1, got min_ratio={min_ratio}, max_ratio={max_ratio}")
+    return float(min_ratio), float(max_ratio)
+
+
+def check_ratio_within(who: str, ratio: float, min_ratio: float, max_ratio: float) -> None:
+    """A global ratio the allocator's bounds cannot reach is a config error, before any heavy work."""
+    if not min_ratio <= ratio <= max_ratio:
+        raise ConfigError(f"{who}: ratio={ratio:.4g} is outside [min_ratio={min_ratio}, max_ratio={max_ratio}]")

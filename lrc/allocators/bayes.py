@@ -38,7 +38,16 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lrc.allocators.base import AllocationContext, Allocator, MatrixInfo, RankPlan, Validation, blocks_of
+from lrc.allocators.base import (
+    AllocationContext,
+    Allocator,
+    MatrixInfo,
+    RankPlan,
+    Validation,
+    blocks_of,
+    check_ratio_bounds,
+    check_ratio_within,
+)
 from lrc.allocators.fitting import canonical_rank, meet_budget, plan_from_ratios, project_ratios, ratio_priority
 from lrc.budget import Budget
 from lrc.errors import ConfigError, LrcError
@@ -80,9 +89,7 @@ class Bayes(Allocator):
             raise ConfigError(f"sampler={sampler!r} is not one of {SAMPLERS}")
         if budget not in BUDGETS:
             raise ConfigError(f"budget={budget!r} is not one of {BUDGETS}")
-        if not -1.0 < min_ratio < max_ratio < 1.0:
-            raise ConfigError(f"need -1 < min_ratio < max_ratio < 1, got min_ratio={min_ratio}, "
-                              f"max_ratio={max_ratio}")
+        min_ratio, max_ratio = check_ratio_bounds(min_ratio, max_ratio, below_zero=True)
         if not isinstance(window, (int, float)) or not 0 < window < 1:
             raise ConfigError(f"window={window!r} must be a number in (0, 1)")
         if not isinstance(rank_multiple, int) or rank_multiple < 1:
@@ -94,7 +101,7 @@ class Bayes(Allocator):
         if len(flat) != len(set(flat)):
             raise ConfigError(f"groups={groups!r} names a projection twice")
         self.n_trials, self.groups, self.depth_groups, self.sampler = n_trials, groups, depth_groups, sampler
-        self.min_ratio, self.max_ratio = float(min_ratio), float(max_ratio)
+        self.min_ratio, self.max_ratio = min_ratio, max_ratio
         self.startup_trials, self.warm_start, self.seed = int(startup_trials), bool(warm_start), int(seed)
         self.budget, self.window, self.rank_multiple = budget, float(window), rank_multiple
         self.start = dict(start) if start else None
@@ -113,9 +120,7 @@ class Bayes(Allocator):
         blocks = blocks_of(matrices)
         if self.depth_groups > len(blocks):
             raise ConfigError(f"bayes: depth_groups={self.depth_groups} exceeds the {len(blocks)} decoder blocks")
-        if not self.min_ratio <= budget.ratio <= self.max_ratio:
-            raise ConfigError(f"bayes: ratio={budget.ratio:.4g} is outside [min_ratio={self.min_ratio}, "
-                              f"max_ratio={self.max_ratio}]")
+        check_ratio_within("bayes", budget.ratio, self.min_ratio, self.max_ratio)
         if self.start is not None:
             dims = set(self.group_of(matrices).values())
             if set(self.start) != dims:

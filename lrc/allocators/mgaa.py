@@ -20,7 +20,15 @@ import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-from lrc.allocators.base import AllocationContext, Allocator, MatrixInfo, RankPlan, check_spectrum_source
+from lrc.allocators.base import (
+    AllocationContext,
+    Allocator,
+    MatrixInfo,
+    RankPlan,
+    check_ratio_bounds,
+    check_ratio_within,
+    check_spectrum_source,
+)
 from lrc.allocators.energy import energy_plan
 from lrc.allocators.fitting import meet_budget, project_ratios
 from lrc.budget import Budget, rank_for_ratio, stored_params
@@ -39,18 +47,13 @@ class MGAA(Allocator):
             raise ConfigError(f"inner={inner!r} is not one of {INNER}")
         if not isinstance(scale, (int, float)) or scale < 0:
             raise ConfigError(f"scale={scale!r} must be a number >= 0")
-        if not 0.0 <= min_ratio < max_ratio < 1.0:
-            raise ConfigError(f"need 0 <= min_ratio < max_ratio < 1, got min_ratio={min_ratio}, "
-                              f"max_ratio={max_ratio}")
         self.scale, self.residual, self.inner = float(scale), bool(residual), inner
-        self.min_ratio, self.max_ratio = float(min_ratio), float(max_ratio)
+        self.min_ratio, self.max_ratio = check_ratio_bounds(min_ratio, max_ratio)
         self.spectrum = check_spectrum_source(spectrum)
         self.spectrum_source = self.spectrum if inner == "energy" else None
 
     def check(self, matrices: Sequence[MatrixInfo], budget: Budget) -> None:
-        if not self.min_ratio <= budget.ratio <= self.max_ratio:
-            raise ConfigError(f"mgaa: ratio={budget.ratio} is outside [min_ratio={self.min_ratio}, "
-                              f"max_ratio={self.max_ratio}]")
+        check_ratio_within("mgaa", budget.ratio, self.min_ratio, self.max_ratio)
 
     def sublayer_ratios(self, params: Mapping[Sub, int], importance: Mapping[Sub, float],
                         ratio: float) -> dict[Sub, float]:

@@ -5,7 +5,7 @@ swapped in (:func:`lrc.compress.swap.plan_applied`), evaluated, and swapped out 
 built by :meth:`lrc.allocators.base.Validation.score` from the validation perplexity and the
 reverse KL divergence KL(compressed || dense) = sum_v q_v (log q_v - log p_v), taken at every
 position of every window (as Bolaco's lib/evaluator.py does) and averaged per token here.
-Every call is recorded as one trial (and logged to the tracker as it happens).
+Every call is recorded as one trial (the run logs them to W&B from its outcome).
 
 A :class:`ScoreMemo` keeps the measured (ppl, KL) of every plan on disk, keyed by what
 determines them (model, statistics, factorizer, the validation windows and their shape): a plan scored once is
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -34,8 +35,9 @@ from lrc.errors import NumericalError
 from lrc.factorizers.base import Decomposition
 from lrc.files import atomic_write_json, cache_key
 from lrc.model.adapters import TargetLinear
-from lrc.results.tracking import Tracker
 from lrc.stats.collect import batches
+
+log = logging.getLogger(__name__)
 
 
 def _logprobs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -70,10 +72,9 @@ class PlanScorer:
     """``scorer(plan, **info) -> Score``; ``scorer.trials`` holds one row per call."""
 
     def __init__(self, model: nn.Module, targets: list[TargetLinear], decompositions: Mapping[str, Decomposition],
-                 windows: torch.Tensor, budget: Budget, validation: Validation,
-                 tracker: Tracker | None = None, memo: ScoreMemo | None = None) -> None:
+                 windows: torch.Tensor, budget: Budget, validation: Validation, memo: ScoreMemo | None = None) -> None:
         self.model, self.targets, self.decompositions = model, targets, decompositions
-        self.budget, self.validation, self.tracker, self.memo = budget, validation, tracker, memo
+        self.budget, self.validation, self.memo = budget, validation, memo
         self.device = next(model.parameters()).device
         self.batches = list(batches(windows, validation.batch_size))
         self.dense: list[torch.Tensor] | None = None  # the dense reference, computed on first need
@@ -116,6 +117,5 @@ class PlanScorer:
         row = {"trial": len(self.trials), **info, "objective": score.objective, "ppl": score.ppl, "kl": score.kl,
                "removed_fraction": self.budget.removed_fraction(plan), "seconds": time.perf_counter() - start}
         self.trials.append(row)
-        if self.tracker is not None:
-            self.tracker.log_metrics({f"trial/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+        log.debug("trial %d: objective %.4g (ppl %.4g, kl %.4g)", row["trial"], score.objective, score.ppl, score.kl)
         return score

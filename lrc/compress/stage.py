@@ -1,282 +1,207 @@
-"""The compression stage in its two modes: statistics -> spectra -> allocation -> factorization.
+"""The compression stage: survey (spectra) -> allocate (rank plan) -> factorize (swap in layers).
 
-Whole-model mode collects every block's statistics in one forward pass; layer-wise mode
-(:mod:`lrc.compress.layerwise`) streams one block at a time through the device. Both return a
-:class:`Compression` (the plan, truncation errors, dampings, the plan scorer if any).
+One path for both modes: a block visitor (:mod:`lrc.compress.visits`) hands the stage target
+linears with their statistics, all at once (whole-model) or one decoder block at a time
+(layer-wise). An allocator that needs calibration data gets a survey pass first (every
+matrix's spectrum; sublayer statistics); then the plan is made, and a second pass factorizes
+every block to it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lrc.allocators.base import AllocationContext, Allocator, MatrixInfo
 from lrc.budget import Budget, check_plan
-from lrc.compress.layerwise import LayerwiseCompressor, LayerwiseOptions, block_statistics_key, layerwise_forward
 from lrc.compress.scoring import PlanScorer, ScoreMemo
 from lrc.compress.swap import apply_plan
-from lrc.data.windows import Calibration
-from lrc.errors import ConfigError
+from lrc.compress.visits import BlockVisitor, Visit
 from lrc.factorizers.base import Decomposition, Factorizer
 from lrc.model.adapters import TargetLinear
-from lrc.model.loading import LoadedModel
 from lrc.resources import Stopwatch
-from lrc.results.tracking import Tracker
-from lrc.stats.cache import StatisticsCache
-from lrc.stats.collect import collect_statistics, decoder_forward, for_target
+from lrc.stats.collect import for_target
 from lrc.stats.hooks import sublayer_cosine
-from lrc.stats.types import InputStatistics
 
 log = logging.getLogger(__name__)
-STATS_MODE = "whole-model"
-# Most bytes of decompositions held between allocation and factorization when the allocator
+# Most bytes of decompositions held between the survey and factorization when the allocator
 # only needs spectra (beyond it, matrices are decomposed a second time instead).
 KEEP_DECOMPOSITIONS_BYTES = 8 * 2**30
 
 
-@dataclass
-class CompressionJob:
-    """What either mode of the compression stage works from."""
+@dataclass(frozen=True)
+class Method:
+    """What compresses: an allocator and a factorizer (any pair composes)."""
 
-    loaded: LoadedModel
-    targets: list[TargetLinear]
     factorizer: Factorizer
     allocator: Allocator
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """The statistics kinds to collect."""
+        return frozenset(self.factorizer.needs | self.allocator.needs)
+
+    @property
+    def plan_needs_data(self) -> bool:
+        """Whether the plan depends on calibration data (spectra, statistics, validation scores)."""
+        allocator = self.allocator
+        return allocator.spectrum_source is not None or allocator.validation is not None or bool(allocator.needs)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What is compressed: the target linears of ``model``, under ``budget``; the size of each
+    target's bias and (parameters, bytes) of the model before compression."""
+
+    model: nn.Module
+    targets: list[TargetLinear]
     budget: Budget
-    matrices: list[MatrixInfo]
-    calibration: Calibration
+    bias: dict[str, int] = field(default_factory=dict)
+    size_before: tuple[int, int] = (0, 0)
+
+    def matrices(self) -> list[MatrixInfo]:
+        return [MatrixInfo(t.name, t.shape, t.block, t.sublayer, t.kind) for t in self.targets]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What a search allocator's plan scorer needs besides the model: the held-out validation
+    windows and the memo of plans already scored."""
+
     windows: torch.Tensor
-    held_out: torch.Tensor | None  # validation windows of a search allocator
-    kinds: frozenset[str]
-    cache: StatisticsCache
-    device: torch.device
-    layerwise: LayerwiseOptions
-    watch: Stopwatch
+    memo: ScoreMemo
+
+
+@dataclass
+class Compression:
+    """What the stage did: the rank plan, per-matrix diagnostics, the plans a search scored."""
+
+    plan: dict[str, int]
     diagnostics: dict[str, Any]
-    tracker: Tracker | None
-    home: Any  # where blocks live between visits to the device (layer-wise mode)
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Survey:
+    """What a first pass over the blocks gathered for the allocator."""
+
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+    cosine: dict[str, Any] = field(default_factory=dict)  # sublayer statistics of every block
+    decompositions: dict[str, Decomposition] = field(default_factory=dict)  # kept for factorization
 
 
 class DecompositionKeeper:
     """Whether to keep a decomposition until factorization: all of them for an allocator that
-    scores plans, else up to KEEP_DECOMPOSITIONS_BYTES (the rest is decomposed again)."""
+    scores plans, none when ``keep_none``, else up to KEEP_DECOMPOSITIONS_BYTES (the rest is
+    decomposed again); kept ones move to the CPU, so a GPU holds one at a time."""
 
-    def __init__(self, keep_all: bool) -> None:
-        self.keep_all, self.held = keep_all, 0
+    def __init__(self, keep_all: bool, keep_none: bool = False) -> None:
+        self.keep_all, self.keep_none, self.held = keep_all, keep_none, 0
 
-    def __call__(self, name: str, dec: Decomposition) -> bool:
-        if not self.keep_all and self.held + dec.nbytes > KEEP_DECOMPOSITIONS_BYTES:
+    def __call__(self, dec: Decomposition) -> bool:
+        if self.keep_none or (not self.keep_all and self.held + dec.nbytes > KEEP_DECOMPOSITIONS_BYTES):
             return False
         self.held += dec.nbytes
         return True
 
 
-def statistics_key(loaded: LoadedModel, targets: list[TargetLinear], calibration: Calibration) -> dict[str, Any]:
-    return {"model": loaded.identity, "calibration": calibration.describe(), "mode": STATS_MODE,
-            "targets": sorted({(t.group, t.shape[1]) for t in targets})}
+def compress(task: Task, method: Method, visitor: BlockVisitor, scoring: Scoring | None,
+             watch: Stopwatch) -> Compression:
+    """Compress ``task.model`` in place; return the plan and what the stage measured."""
+    survey = Survey()
+    if method.plan_needs_data:
+        # kept decompositions serve factorization, unless the blocks will then see other inputs
+        keeper = DecompositionKeeper(keep_all=scoring is not None,
+                                     keep_none=visitor.refreshes_statistics and scoring is None)
+        survey = survey_blocks(task, method, visitor, keeper, watch)
+    scorer = None
+    with watch("allocation_s"), visitor.whole_on_device() if scoring is not None else nullcontext():
+        if scoring is not None:  # scoring runs the whole model on the device
+            scorer = PlanScorer(task.model, task.targets, survey.decompositions, scoring.windows, task.budget,
+                                method.allocator.validation, scoring.memo)
+        plan = allocate(task, method.allocator, survey, scorer)
+    if visitor.refreshes_statistics:
+        survey.decompositions.clear()  # the statistics of the compressed model differ
+    errors, damping = factorize_blocks(task, method.factorizer, visitor, plan, survey.decompositions, watch)
+    survey.decompositions.clear()
+    if damping:
+        log.warning("whitening needed damping for %d matrices (max %.3g x mean diag)", len(damping),
+                    max(damping.values()))
+    if visitor.mode == "layerwise":
+        watch.timings["block_transfer_s"] = visitor.moved_seconds
+    diagnostics = {**visitor.report(), "truncation_error": errors, "damping": damping}
+    if method.allocator.report:
+        diagnostics["allocation"] = method.allocator.report
+    return Compression(plan, diagnostics, scorer.trials if scorer is not None else [])
 
 
-def calibration_statistics(loaded: LoadedModel, targets: list[TargetLinear], calibration: Calibration,
-                           windows: torch.Tensor, kinds: frozenset[str], cache: StatisticsCache
-                           ) -> tuple[dict[str, InputStatistics], frozenset[str]]:
-    """Statistics of ``kinds``: cached kinds are loaded, the rest computed in one pass and cached.
+def decomposer(task: Task, factorizer: Factorizer, visit: Visit) -> Callable[[str], Decomposition]:
+    """``decompose(name)`` for the targets of one visit."""
+    by_name = {t.name: t for t in visit.targets}
 
-    Returns (statistics, the kinds that came from the cache).
-    """
-    def compute(missing: frozenset[str]) -> dict[str, InputStatistics]:
-        return collect_statistics(loaded.model, targets, windows, missing, calibration.batch_size)
+    def decompose(name: str) -> Decomposition:
+        return factorizer.decompose(task.model.get_submodule(name).weight, for_target(visit.stats, by_name[name]))
 
-    return cache.get_or_compute(statistics_key(loaded, targets, calibration), kinds, compute)
+    return decompose
 
 
-@dataclass
-class Compression:
-    """What a compression stage did to the model."""
-
-    plan: dict[str, int]
-    errors: dict[str, float]
-    damping: dict[str, float]
-    scorer: PlanScorer | None = None
-
-
-def check_streamed(streamed: bool, layerwise: LayerwiseOptions, benchmarks: list[Any], allocator: Allocator) -> None:
-    """A model whose blocks are streamed from outside memory is never whole in memory."""
-    if not streamed:
-        return
-    if not layerwise.enabled:
-        raise ConfigError("this model streams its decoder blocks from outside memory: set layerwise.enabled=true")
-    if benchmarks:
-        raise ConfigError("this model streams its decoder blocks from outside memory and cannot be benchmarked "
-                          "whole; run without benchmarks (the compressed blocks are in its offload folder)")
-    if allocator.validation is not None:
-        raise ConfigError("a search allocator scores plans on the whole model, which a streamed model never is")
-
-
-@contextmanager
-def on_device(model: nn.Module, device: torch.device, layerwise: bool) -> Iterator[None]:
-    """In layer-wise mode the model lives on the host: put it on ``device`` for the duration
-    (benchmarks and plan scoring run the whole model)."""
-    if not layerwise:
-        yield
-        return
-    host = next(model.parameters()).device
-    model.to(device)
-    try:
-        yield
-    finally:
-        model.to(host)
+def survey_blocks(task: Task, method: Method, visitor: BlockVisitor, keep: DecompositionKeeper,
+                  watch: Stopwatch) -> Survey:
+    """One pass over the blocks: sublayer statistics, and the spectrum every matrix gets in the
+    allocator's terms (``spectrum_source``); every matrix is decomposed when the factorizer's
+    spectra are asked for or plans are scored (``keep`` says which decompositions stay)."""
+    source, survey = method.allocator.spectrum_source, Survey()
+    decompose_all = source == "factorizer" or keep.keep_all
+    for visit in visitor.visits(None):
+        survey.cosine.update({k: v for k, v in visit.stats.items() if k.startswith("sublayer:")})
+        decompose = decomposer(task, method.factorizer, visit)
+        with watch("factorization_s" if decompose_all else "allocation_s"):
+            for t in visit.targets:
+                if decompose_all:
+                    dec = decompose(t.name)
+                    if source == "factorizer":
+                        survey.spectra[t.name] = dec.spectrum.detach().cpu()
+                    if keep(dec):
+                        survey.decompositions[t.name] = dec.to("cpu")
+                if source == "weight":
+                    weight = task.model.get_submodule(t.name).weight.detach().double()
+                    survey.spectra[t.name] = torch.linalg.svdvals(weight).cpu()
+    if decompose_all and len(survey.decompositions) < len(task.targets):
+        log.info("kept %d of %d decompositions (%.1f GiB); the rest are recomputed when factorizing",
+                 len(survey.decompositions), len(task.targets), keep.held / 2**30)
+    return survey
 
 
-def time_plain_forward(model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device,
-                        layerwise: bool, watch: Stopwatch, home: Any = None) -> None:
-    """Time a plain forward over the calibration set (layer-wise when the run is), the floor the
-    statistics stage is measured against."""
-    moved = home.seconds if layerwise else 0.0
-    with watch("calibration_forward_s"):
-        if layerwise:
-            layerwise_forward(model, windows, batch_size, device, home)
-        else:
-            decoder_forward(model, windows, batch_size)
-    if layerwise:  # compute only: moving blocks is timed apart (block_transfer_s)
-        watch.timings["calibration_forward_s"] -= home.seconds - moved
-    forward = watch.timings["calibration_forward_s"]
-    log.info("a plain %s forward over the %d calibration tokens took %.1fs", "layer-wise" if layerwise else "",
-             windows.numel(), forward)
-
-
-def statistics_cached(loaded: LoadedModel, targets: list[TargetLinear], calibration: Calibration,
-                       kinds: frozenset[str], cache_dir: Path, layerwise: LayerwiseOptions) -> bool:
-    cache = StatisticsCache(cache_dir)
-    if not layerwise.enabled:
-        return cache.has(statistics_key(loaded, targets, calibration), kinds)
-    base = {"model": loaded.identity, "calibration": calibration.describe()}
-    blocks = sorted({t.block for t in targets})
-    return all(cache.has(block_statistics_key(base, i, [t for t in targets if t.block == i]), kinds)
-               for i in blocks)
-
-
-def _allocate(job: CompressionJob, spectra: dict[str, torch.Tensor], cosine: dict[str, InputStatistics],
-              scorer: PlanScorer | None) -> dict[str, int]:
-    allocator, budget, matrices = job.allocator, job.budget, job.matrices
+def allocate(task: Task, allocator: Allocator, survey: Survey, scorer: PlanScorer | None) -> dict[str, int]:
+    """The allocator's rank plan, checked against the budget."""
+    matrices: Sequence[MatrixInfo] = task.matrices()
     if allocator.spectrum_source is not None:
-        matrices = [replace(m, spectrum=spectra[m.name]) for m in matrices]
-    plan = allocator.allocate(matrices, budget, AllocationContext(sublayer_cosine=sublayer_cosine(cosine),
-                                                                  score=scorer))
-    check_plan(plan, budget)
+        matrices = [replace(m, spectrum=survey.spectra[m.name]) for m in matrices]
+    context = AllocationContext(sublayer_cosine=sublayer_cosine(survey.cosine), score=scorer)
+    plan = allocator.allocate(matrices, task.budget, context)
+    check_plan(plan, task.budget)
     if allocator.report:
-        job.diagnostics["allocation"] = allocator.report
         log.info("allocation: %s", ", ".join(f"{k} = {v}" for k, v in allocator.report.items()
                                               if not isinstance(v, dict)))
     return dict(plan)
 
 
-def compress(job: CompressionJob) -> Compression:
-    """Whole-model or layer-wise, as ``job.layerwise`` says."""
-    return (compress_layerwise if job.layerwise.enabled else compress_whole_model)(job)
-
-
-def compress_whole_model(job: CompressionJob) -> Compression:
-    """Statistics of every block in one forward pass, every matrix decomposed, allocate, factorize."""
-    model, targets, allocator, watch = job.loaded.model, job.targets, job.allocator, job.watch
-    by_name = {t.name: t for t in targets}
-    stats: dict[str, InputStatistics] = {}
-    if job.kinds:
-        with watch("calibration_s"):
-            stats, cached = calibration_statistics(job.loaded, targets, job.calibration, job.windows, job.kinds,
-                                                   job.cache)
-        job.diagnostics["statistics_cached"] = sorted(cached)
-        job.diagnostics["statistics_computed"] = sorted(job.kinds - cached)
-
-    def decompose(name: str) -> Decomposition:
-        return job.factorizer.decompose(model.get_submodule(name).weight, for_target(stats, by_name[name]))
-
-    validation = allocator.validation
-    decompositions: dict[str, Decomposition] = {}
-    spectra: dict[str, torch.Tensor] = {}
-    if allocator.spectrum_source == "factorizer" or validation is not None:  # every matrix, once
+def factorize_blocks(task: Task, factorizer: Factorizer, visitor: BlockVisitor, plan: Mapping[str, int],
+                     decompositions: dict[str, Decomposition], watch: Stopwatch
+                     ) -> tuple[dict[str, float], dict[str, float]]:
+    """Swap every planned matrix for its low-rank layer, block by block as the visitor goes;
+    returns per-matrix truncation errors and whitening dampings."""
+    errors: dict[str, float] = {}
+    damping: dict[str, float] = {}
+    for visit in visitor.visits(plan):
         with watch("factorization_s"):
-            spectra = decompose_all(targets, decompose, decompositions, keep_all=validation is not None)
-    with watch("allocation_s"):
-        if allocator.spectrum_source == "weight":
-            spectra = {t.name: torch.linalg.svdvals(model.get_submodule(t.name).weight.detach().double())
-                       for t in targets}
-        scorer = _scorer(job, decompositions)
-        plan = _allocate(job, spectra, stats, scorer)
-    with watch("factorization_s"):
-        errors, damping = apply_plan(model, targets, plan, decompose, decompositions)
-    decompositions.clear()
-    return Compression(plan, errors, damping, scorer)
-
-
-def compress_layerwise(job: CompressionJob) -> Compression:
-    """One block at a time on ``job.device``. An allocator that needs no calibration data gets
-    its plan first and every block is factorized in one streaming pass; otherwise a first pass
-    gathers spectra and sublayer statistics, the plan is made, and a second pass factorizes."""
-    model, allocator, layerwise = job.loaded.model, job.allocator, job.layerwise
-    base = {"model": job.loaded.identity, "calibration": job.calibration.describe()}
-    compressor = LayerwiseCompressor(model, job.targets, job.windows, job.calibration.batch_size, job.kinds,
-                                     job.device, job.cache, base, job.factorizer.decompose,
-                                     job.factorizer.describe(), layerwise, job.watch, job.home)
-    validation = allocator.validation
-    decompositions: dict[str, Decomposition] = {}
-    if allocator.spectrum_source is not None or validation is not None or allocator.needs:  # plan needs data
-        keeper = DecompositionKeeper(keep_all=validation is not None)
-        keep = (lambda name, dec: False) if layerwise.compressed_inputs and validation is None else keeper
-        spectra_from = "factorizer" if validation is not None else allocator.spectrum_source
-        compressor.run(None, keep=keep, decompositions=decompositions, spectra=spectra_from)
-    result = compressor.result
-    with job.watch("allocation_s"), on_device(model, job.device, validation is not None):
-        scorer = _scorer(job, decompositions)  # scoring runs the whole model on the device
-        plan = _allocate(job, result.spectra, result.cosine, scorer)
-    if layerwise.compressed_inputs:
-        decompositions.clear()  # the statistics of the compressed model differ
-    compressor.run(plan, decompositions=decompositions)
-    decompositions.clear()
-    job.diagnostics["statistics_cached"] = sorted(result.statistics_cached - result.statistics_computed)
-    job.diagnostics["statistics_computed"] = sorted(result.statistics_computed)
-    job.diagnostics["calibration_passes"] = result.forward_passes
-    return Compression(plan, result.errors, result.damping, scorer)
-
-
-def _scorer(job: CompressionJob, decompositions: dict[str, Decomposition]) -> PlanScorer | None:
-    validation = job.allocator.validation
-    if validation is None:
-        return None
-    identity = {"model": job.loaded.identity, "calibration": job.calibration.describe(),
-                "factorizer": job.factorizer.describe(), "compressed_inputs": job.layerwise.compressed_inputs,
-                "protocol": 2}
-    memo = ScoreMemo(job.cache.root.parent / "scores" / ScoreMemo.key(identity, job.held_out))
-    return PlanScorer(job.loaded.model, job.targets, decompositions, job.held_out, job.budget, validation,
-                      job.tracker, memo)
-
-
-def decompose_all(targets: list[TargetLinear], decompose: Callable[[str], Decomposition],
-                  decompositions: dict[str, Decomposition], keep_all: bool) -> dict[str, torch.Tensor]:
-    """Decompose every target once; return the spectra.
-
-    Decompositions are kept in ``decompositions`` for the factorization step up to
-    KEEP_DECOMPOSITIONS_BYTES (the rest is decomposed again there), or all of them when ``keep_all``
-    (an allocator that scores plans needs every one); kept ones live on the CPU, so a GPU
-    holds one decomposition at a time.
-    """
-    spectra = {}
-    keep = DecompositionKeeper(keep_all)
-    for t in tqdm(targets, desc="decompose", leave=False, disable=None):
-        dec = decompose(t.name)
-        spectra[t.name] = dec.spectrum.detach().cpu()
-        if keep(t.name, dec):
-            decompositions[t.name] = dec.to("cpu")
-    if len(decompositions) < len(targets):
-        log.info("kept %d of %d decompositions (%.1f GiB); the rest are recomputed when factorizing",
-                 len(decompositions), len(targets), keep.held / 2**30)
-    return spectra
-
-
+            e, d = apply_plan(task.model, visit.targets, plan, decomposer(task, factorizer, visit), decompositions)
+        errors.update(e)
+        damping.update(d)
+    return errors, damping

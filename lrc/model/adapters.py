@@ -9,7 +9,7 @@ needs nothing special.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -30,13 +30,22 @@ class Sublayer:
 class Architecture:
     layers: tuple[str, ...]  # candidate paths of the decoder-block ModuleList (first that exists)
     sublayers: tuple[Sublayer, ...]
+    # Modules whose tables are computed at construction and never saved (rotary embeddings):
+    # a model built on the meta device must build them for real (candidate paths, those that exist).
+    rotary: tuple[str, ...] = ("model.rotary_emb",)
+    # Config switches that give a family of linears (by path suffix) a bias in a dense model.
+    bias_flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 _ATTN_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
 _MLP_GROUPS = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
+_BIAS_FLAGS = {"attention_bias": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+               "mlp_bias": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
 LLAMA_LIKE = Architecture(
     layers=("model.layers",),
+    bias_flags=_BIAS_FLAGS,
     sublayers=(
         Sublayer("attn", start="input_layernorm", end="self_attn", input_groups=_ATTN_GROUPS),
         Sublayer("mlp", start="post_attention_layernorm", end="mlp", input_groups=_MLP_GROUPS),
@@ -46,6 +55,9 @@ LLAMA_LIKE = Architecture(
 # Gemma 3 norms each branch's output too (post_*_layernorm) before the residual add.
 GEMMA3 = Architecture(
     layers=("model.layers", "model.language_model.layers"),
+    rotary=("model.rotary_emb", "model.language_model.rotary_emb", "model.rotary_emb_local",
+            "model.language_model.rotary_emb_local"),
+    bias_flags=_BIAS_FLAGS,
     sublayers=(
         Sublayer("attn", start="input_layernorm", end="post_attention_layernorm", input_groups=_ATTN_GROUPS),
         Sublayer("mlp", start="pre_feedforward_layernorm", end="post_feedforward_layernorm",
@@ -116,3 +128,28 @@ def find_targets(model: nn.Module) -> list[TargetLinear]:
                     targets.append(TargetLinear(name=f"{path}.{i}.{rel}", block=i, sublayer=sub.name,
                                                 kind=rel.rsplit(".", 1)[-1], group=group_name, shape=(m, n)))
     return targets
+
+
+def rotary_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The rotary-embedding modules of ``model`` by path (see ``Architecture.rotary``)."""
+    found = {}
+    for path in architecture_for(model).rotary:
+        try:
+            found[path] = model.get_submodule(path)
+        except AttributeError:
+            continue
+    return found
+
+
+def bias_flag(model: nn.Module, name: str) -> str | None:
+    """The config switch that gives linear ``name`` a bias in a dense model of this family
+    (None: the family has none, or the config lacks it)."""
+    flags = architecture_for(model).bias_flags
+    flag = next((f for f, suffixes in flags.items() if name.endswith(suffixes)), None)
+    return flag if flag is not None and hasattr(model.config, flag) else None
+
+
+def bias_flag_linears(model: nn.Module, flags: set[str]) -> tuple[str, ...]:
+    """Path suffixes of the linears that ``flags`` give a bias."""
+    table = architecture_for(model).bias_flags
+    return tuple(s for f in sorted(flags) for s in table[f])

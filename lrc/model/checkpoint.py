@@ -31,11 +31,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lrc.errors import DataError
+from lrc.model.adapters import bias_flag, bias_flag_linears, rotary_modules
 from lrc.model.layers import LowRankLinear, replace_module
 from lrc.model.loading import resolve_dtype
+from lrc.paths import RESULT_FILE
 
 PLAN_FILE = "lrc_plan.json"
-RESULT_FILE = "result.json"
 FORMAT = "lrc-lowrank"
 VERSION = 1
 
@@ -127,11 +128,6 @@ def _replace_folder(new: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# Config switches that give a family of linears a bias in a dense model of that architecture.
-BIAS_FLAGS = {"attention_bias": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-              "mlp_bias": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
-
-
 def _bias_flags(model: nn.Module, merged_names: dict[str, nn.Module]) -> set[str]:
     """The config switches a merged model needs: a factorizer added an output bias (Bolaco's
     mean compensation) to a linear the architecture builds without one."""
@@ -139,8 +135,8 @@ def _bias_flags(model: nn.Module, merged_names: dict[str, nn.Module]) -> set[str
     for name, original in merged_names.items():
         if original.second.bias is None:
             continue
-        flag = next((f for f, suffixes in BIAS_FLAGS.items() if name.endswith(suffixes)), None)
-        if flag is None or not hasattr(model.config, flag):
+        flag = bias_flag(model, name)
+        if flag is None:
             raise DataError(f"merge: {name} gained an output bias from the factorizer, which a dense "
                             f"{model.config.model_type} model has no config switch for; save without merge")
         if not getattr(model.config, flag):
@@ -149,7 +145,7 @@ def _bias_flags(model: nn.Module, merged_names: dict[str, nn.Module]) -> set[str
 
 
 def _unbiased_linears(model: nn.Module, flags: set[str]) -> list[tuple[str, nn.Linear]]:
-    suffixes = tuple(s for f in flags for s in BIAS_FLAGS[f])
+    suffixes = bias_flag_linears(model, flags)
     return [(n, m) for n, m in model.named_modules()
             if suffixes and isinstance(m, nn.Linear) and n.endswith(suffixes) and m.bias is None]
 
@@ -202,8 +198,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 def rebuild_rotary(model: nn.Module) -> None:
     """Rotary tables are computed at construction and not saved: build those modules for real
     (after constructing the model on the meta device)."""
-    for name, module in list(model.named_modules()):
-        if type(module).__name__.endswith("RotaryEmbedding") and any(b.is_meta for b in module.buffers()):
+    for name, module in rotary_modules(model).items():
+        if any(b.is_meta for b in module.buffers()):
             replace_module(model, name, type(module)(config=module.config))
 
 

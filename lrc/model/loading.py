@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lrc.errors import ConfigError, DataError
+from lrc.model.blocks import ResidentBlocks, StreamedBlocks
 from lrc.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,8 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     identity: dict[str, Any] = field(default_factory=dict)
-    # Where the decoder blocks live between visits to the device in layer-wise mode:
-    # None is host memory; lrc.model.streamed.StreamedBlocks streams them from outside memory.
-    blocks: Any = None
+    # Where the decoder blocks live between visits to the device in layer-wise mode.
+    blocks: ResidentBlocks | StreamedBlocks = field(default_factory=ResidentBlocks)
 
     @property
     def device(self) -> torch.device:

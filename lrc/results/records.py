@@ -15,6 +15,7 @@ Optional: "diagnostics" (per-matrix truncation errors, dampings, the allocator's
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import io
 import json
 import platform
@@ -23,23 +24,20 @@ from pathlib import Path
 from typing import Any
 
 from lrc.files import atomic_write_bytes, atomic_write_json
+from lrc.paths import RESULT_FILE, TRIALS_FILE
 
-RESULT_FILE = "result.json"
-TRIALS_FILE = "trials.csv"
-REQUIRED_KEYS = ("status", "config", "ranks", "params", "metrics", "dense_metrics", "timings", "versions")
-PARAM_KEYS = ("target_before", "target_after", "model_before", "model_after", "removed_fraction")
-TIMING_KEYS = ("load_s", "calibration_s", "allocation_s", "factorization_s", "benchmark_s", "total_s")
+TIMING_KEYS = ("load_s", "calibration_s", "allocation_s", "factorization_s", "benchmark_s", "total_s")  # always present
 
 
 def versions() -> dict[str, str]:
-    import hydra
+    """The versions that made a record (installed distributions, and the git commit when known)."""
     import torch
     import transformers
 
     import lrc
 
     found = {"lrc": lrc.__version__, "python": platform.python_version(), "torch": torch.__version__,
-             "transformers": transformers.__version__, "hydra": hydra.__version__}
+             "transformers": transformers.__version__, "hydra": importlib.metadata.version("hydra-core")}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True, timeout=5)
@@ -75,15 +73,3 @@ def write_trials(output_dir: Path, trials: list[dict[str, Any]]) -> Path:
 
 def read_record(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
-
-
-def validate_record(record: dict[str, Any]) -> list[str]:
-    """Problems with a finished record's schema (empty when valid)."""
-    problems = [f"missing key {k!r}" for k in REQUIRED_KEYS if k not in record]
-    if problems:
-        return problems
-    problems += [f"params lacks {k!r}" for k in PARAM_KEYS if k not in record["params"]]
-    problems += [f"timings lacks {k!r}" for k in TIMING_KEYS if k not in record["timings"]]
-    if set(record["metrics"]) != set(record["dense_metrics"]):
-        problems.append("metrics and dense_metrics name different benchmarks")
-    return problems

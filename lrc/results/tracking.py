@@ -11,6 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lrc.results.outcome import Outcome
+from lrc.results.plots import ranks_per_layer
+from lrc.results.records import trial_columns
+
 log = logging.getLogger(__name__)
 
 MODES = ("offline", "online", "disabled")
@@ -33,10 +37,6 @@ class Tracker:
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
 
     def log_figure(self, key: str, figure: Any) -> None: ...
-
-    @property
-    def run_dir(self) -> Path | None:
-        return None
 
 
 class WandbTracker(Tracker):
@@ -82,6 +82,18 @@ class WandbTracker(Tracker):
         buffer.seek(0)
         self.run.log({key: wandb.Image(Image.open(buffer))})
 
-    @property
-    def run_dir(self) -> Path | None:
-        return Path(self.run.dir).parent if self.run is not None and self.run.dir else None
+
+def log_outcome(tracker: Tracker, outcome: Outcome, ratio: float) -> None:
+    """Everything a run logs to W&B, from its outcome: one step per scored plan (``trial/*``),
+    the final metrics (compressed, ``dense/*``, removed fraction), the tables and the
+    ranks-per-layer figure."""
+    for row in outcome.trials:
+        tracker.log_metrics({f"trial/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+    tracker.log_metrics({**outcome.metrics, **{f"dense/{k}": v for k, v in outcome.dense_metrics.items()},
+                         "removed_fraction": outcome.params["removed_fraction"]})
+    for key, (columns, rows) in outcome.tables.items():
+        tracker.log_table(key, columns, rows)
+    if outcome.trials:
+        columns = trial_columns(outcome.trials)
+        tracker.log_table("trials", columns, [[row.get(c) for c in columns] for row in outcome.trials])
+    tracker.log_figure("ranks_per_layer", ranks_per_layer(outcome.ranks, f"ranks per layer at ratio {ratio:g}"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lrc.files import atomic_path, cache_key
+from lrc.model.adapters import TargetLinear
 from lrc.stats.kinds import kind_field
 from lrc.stats.types import InputStatistics
 
 log = logging.getLogger(__name__)
+
+
+def statistics_key(base: Mapping[str, Any], targets: Iterable[TargetLinear], **where: Any) -> dict[str, Any]:
+    """Cache key (plain data) of the statistics of ``targets``: ``base`` names the model and the
+    calibration set, ``where`` the mode (and in layer-wise mode the block and what it was fed)."""
+    return {**base, **where, "targets": sorted({(t.group, t.shape[1]) for t in targets})}
 
 
 class StatisticsCache:

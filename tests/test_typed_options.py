@@ -1,0 +1,41 @@
+"""Wrongly typed options end in one line naming the key and the type it needs (the target's
+signature is its structured config), before anything is built or loaded."""
+
+import re
+
+import pytest
+from conftest import compose
+
+from lrc.config.build import run_spec
+from lrc.config.schema import check_options, schema_for
+from lrc.errors import ConfigError
+from lrc.factorizers.svdllm import SVDLLM
+
+TINY = ["model=tiny-random", "logger=none"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["factorizer.damping=abc"], "factorizer=svdllm: damping='abc' is not a number"),
+    (["+factorizer.dampen=0.1"], "factorizer=svdllm: unknown option 'dampen'"),
+    (["allocator=mgaa", "allocator.residual=maybe"], "allocator=mgaa: residual='maybe' is not true or false"),
+    (["allocator=bayes", "trials=many"], "config: trials='many' is not an integer"),
+    (["calibration.nsamples=many"], "calibration: nsamples='many' is not an integer"),
+    (["benchmark.perplexity.embedded.max_windows=all"], "max_windows='all' is not an integer or null"),
+    (["ratio=abc"], "config: ratio='abc' is not a number"),
+    (["save=maybe"], "config: save='maybe' is not true or false"),
+])
+def test_wrong_type_names_the_key_and_the_type(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_spec(compose([*TINY, *overrides]))
+
+
+def test_right_types_pass_and_are_left_to_the_constructor():
+    check_options(SVDLLM, {"damping": 1, "whitening": "cholesky"}, "factorizer=svdllm")  # an int is a number
+    with pytest.raises(ConfigError, match="damping=-1"):  # ranges stay lrc's own checks
+        run_spec(compose([*TINY, "factorizer.damping=-1"]))
+
+
+def test_schema_follows_the_signature():
+    fields = {f.name: f.type for f in schema_for(SVDLLM).__dataclass_fields__.values()}
+    assert fields["damping"] is float and fields["compute_dtype"] is str
+    assert schema_for(lambda **anything: None) is None  # takes anything: nothing to check
