@@ -127,7 +127,7 @@ def _num(value: Any) -> str:
 
 def plot(records: list[dict[str, Any]], out: Path, ranks_of: str | None = None) -> list[Path]:
     """PNG files: each metric vs ratio, and the ranks per layer of one run."""
-    from lrc import plots
+    from lrc.results import plots
 
     done = [r for r in records if r.get("status") == "done"]
     points = [{"method": method(r), "ratio": r["config"].get("ratio"), **r.get("metrics", {})} for r in done]

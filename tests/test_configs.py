@@ -1,13 +1,17 @@
 """Every config in conf/ composes, and every node with a _target_ instantiates or binds."""
 
+import dataclasses
 import inspect
-from pathlib import Path
+import json
+import re
 
 import pytest
-from conftest import CONF, compose
-from hydra.utils import get_method
+import torch
+from conftest import CONF, REPO, compose
+from hydra.utils import get_class, get_method
 from omegaconf import OmegaConf
 
+from lrc.allocators.base import Validation
 from lrc.allocators.keep_dense import KeepDense
 from lrc.config.build import build, build_allocator, build_benchmarks, build_calibration
 
@@ -53,9 +57,13 @@ def test_config_composes_and_targets_bind(group, option):
 
 @pytest.mark.parametrize("option", options("factorizer"))
 def test_factorizers_instantiate(option):
-    cfg = compose([f"factorizer={option}"])
+    cfg = compose([f"factorizer={option}", "factorizer.compute_dtype=float32"])  # a non-default value
     fac = build(cfg.factorizer, "factorizer")
-    assert hasattr(fac, "decompose")
+    assert type(fac) is get_class(cfg.factorizer._target_)
+    assert fac.compute_dtype is torch.float32
+    held = {**vars(fac), **vars(fac.whitener)} if option == "ressvd" else vars(fac)  # ResSVD's SVD-LLM whitens
+    options = {k: v for k, v in cfg.factorizer.items() if k not in ("name", "_target_", "compute_dtype")}
+    assert {k: held[k] for k in options} == options
 
 
 @pytest.mark.parametrize("option", options("allocator"))
@@ -65,7 +73,14 @@ def test_allocators_instantiate(option):
     if cfg.allocator.keep_dense:
         assert isinstance(allocator, KeepDense) and list(allocator.kinds) == list(cfg.allocator.keep_dense)
         allocator = allocator.inner
-    assert type(allocator).__module__ == f"lrc.allocators.{cfg.allocator._target_.split('.')[2]}"
+    assert type(allocator) is get_class(cfg.allocator._target_)
+    options = OmegaConf.to_container(cfg.allocator, resolve=True)
+    options = {k: v for k, v in options.items() if k not in ("name", "_target_", "keep_dense")}
+    if "validation" in options:  # the options given, the rest at their defaults
+        options["validation"] = dataclasses.asdict(Validation(**options["validation"]))
+    held = json.loads(json.dumps(vars(allocator), default=dataclasses.asdict))  # tuples as lists
+    held.setdefault("spectrum", held.get("spectrum_source"))  # Energy keeps `spectrum` as spectrum_source
+    assert {k: held[k] for k in options} == options
     wrapped = build_allocator(compose([f"allocator={option}", "allocator.keep_dense=[v_proj]"]).allocator)
     assert isinstance(wrapped, KeepDense) and wrapped.kinds == ("v_proj",)
     assert type(wrapped.inner) is type(allocator)
@@ -98,10 +113,14 @@ def test_unknown_option_is_a_clear_error():
         build(cfg.factorizer, "factorizer=svdllm")
 
 
-def test_experiment_and_notebook_folders_exist():
-    root = Path(CONF).parent
-    for folder in ("experiments", "notebooks", "benchmarks", "tests"):
-        assert (root / folder).is_dir()
+@pytest.mark.parametrize("folder", ["experiments", "notebooks", "benchmarks"])
+def test_experiment_notebook_and_benchmark_folders_hold_what_their_readme_lists(folder):
+    readme = (REPO / folder / "README.md").read_text()
+    files = {p.name for p in (REPO / folder).iterdir() if p.is_file() and not p.name.startswith(".")} - {"README.md"}
+    assert files and set(re.findall(r"`([\w.-]+\.(?:py|md|ipynb))`", readme)) == files
+    if folder == "experiments":  # its table has one row per experiment config
+        rows = re.findall(r"^\| `(\w+)` \|", readme, re.M)
+        assert sorted(rows) == sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def _hydra_cfg(overrides):

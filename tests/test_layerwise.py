@@ -29,9 +29,21 @@ from lrc.stats.collect import collect_statistics
 LAYERWISE = LayerwiseOptions(enabled=True)
 
 
-def compress(tiny, cache, allocator, factorizer=None, layerwise=None, ratio=0.4, model_type="llama"):
+class CountedVisits(ResidentBlocks):
+    """Host-resident blocks that note the index of every block's visit to the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.visits: list[int] = []
+
+    def visit(self, index, block, device):
+        self.visits.append(index)
+        return super().visit(index, block, device)
+
+
+def compress(tiny, cache, allocator, factorizer=None, layerwise=None, ratio=0.4, model_type="llama", home=None):
     base = tiny if model_type == "llama" else tiny_random(device="cpu", model_type=model_type, num_hidden_layers=3)
-    loaded = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.identity)
+    loaded = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.identity, blocks=home or ResidentBlocks())
     calibration = Calibration(EmbeddedText(), nsamples=6, seqlen=64, batch_size=4)
     bench = [PerplexityBenchmark("embedded", EmbeddedText("test"), seqlen=64, max_windows=8)]
     outcome = pipeline.compress_and_evaluate(loaded, spec(factorizer or SVDLLM(), allocator, ratio, calibration, bench,
@@ -48,13 +60,17 @@ def logits(model, ids):
                          ids=["uniform", "mgaa", "energy", "mgaa-inner-uniform"])
 def test_layerwise_equals_whole_model(tiny, tmp_path, make_allocator):
     whole, whole_model = compress(tiny, tmp_path / "a", make_allocator())
-    layer, layer_model = compress(tiny, tmp_path / "b", make_allocator(), layerwise=LAYERWISE)
+    home = CountedVisits()
+    layer, layer_model = compress(tiny, tmp_path / "b", make_allocator(), layerwise=LAYERWISE, home=home)
     assert layer.diagnostics["mode"] == "layerwise" and whole.diagnostics["mode"] == "whole-model"
     assert layer.ranks == whole.ranks
     assert layer.metrics["ppl/embedded"] == pytest.approx(whole.metrics["ppl/embedded"], rel=1e-5)
     ids = torch.arange(40)[None] % 200
     torch.testing.assert_close(logits(layer_model, ids), logits(whole_model, ids), rtol=1e-4, atol=1e-4)
-    # the plan depends on data for all but uniform: two streaming passes, one of them a forward pass
+    # the plan depends on data for all but uniform: two streaming passes over the blocks (statistics and
+    # spectra, then factorization), but only the first runs the calibration forward; the second reads
+    # the statistics it cached. Uniform plans first and factorizes in one pass, which runs the forward.
+    assert home.visits == [0, 1] * (1 if make_allocator is Uniform else 2)
     assert layer.diagnostics["calibration_passes"] == 1
 
 
@@ -69,7 +85,7 @@ def test_layerwise_statistics_equal_whole_model_statistics(tiny):
     for i, block in enumerate(stream.blocks):
         hooks = StatisticsHooks(model, [t for t in targets if t.block == i], kinds, windows.numel(),
                                 torch.device("cpu"), blocks=[i])
-        with ResidentBlocks().visit(0, block, torch.device("cpu")):
+        with ResidentBlocks().visit(i, block, torch.device("cpu")):
             stream.run(i, hooks)
         for key, s in hooks.finish().items():
             for field in ("gram", "mean_abs", "pooled_cov", "cosine"):

@@ -49,7 +49,7 @@ def test_scored_plan_equals_the_permanently_applied_plan_and_is_undone(setup):
     torch.testing.assert_close(model(input_ids=windows).logits, before)
     row = scorer.trials[0]
     assert row["trial"] == 3 and row["note"] == "x"  # the allocator numbers its trials
-    assert row["ppl"] == score.ppl
+    assert (row["objective"], row["ppl"], row["kl"]) == (score.objective, score.ppl, score.kl)
     assert row["removed_fraction"] == pytest.approx(budget.removed_fraction(plan))
 
     compressed = copy.deepcopy(model)
