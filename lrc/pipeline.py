@@ -188,7 +188,6 @@ def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} = {v:.4g}" for k, v in metrics.items())
 
 
-
 def _bias_size(module: nn.Module) -> int:
     """The bias a target linear had before compression (not part of the budget)."""
     bias = getattr(module, "bias", None)

@@ -9,7 +9,6 @@ multirun a failed job is recorded (status "failed") and the sweep goes on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -25,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lrc.config.build import build, load_model, run_spec
+from lrc.config.build import build, current_targets, load_model, run_spec
 from lrc.errors import LrcError
 from lrc.model.checkpoint import save_compressed
 from lrc.paths import CHECKPOINT_DIR, RESULT_FILE
@@ -43,28 +42,12 @@ def environment() -> dict[str, str]:
     return {"host": socket.gethostname(), **{k: os.environ[k] for k in keys if k in os.environ}}
 
 
-def sweep_group() -> str | None:
-    """The sweep's output folder (e.g. ``multirun/2026-11-23/13-00-00``) in a multirun, else None."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return None
-    sweep = Path(HydraConfig.get().sweep.dir)
-    return str(sweep.relative_to("outputs") if sweep.parts[:1] == ("outputs",) else sweep)
 
 
-OmegaConf.register_new_resolver("lrc_sweep_group", sweep_group, replace=True)  # conf/logger/wandb.yaml
 
 
-def job_dirname(overrides: str, limit: int = 200) -> str:
-    """A sweep job's folder name from its overrides: one path component whatever the values
-    (``/`` becomes ``_``), shortened with a hash suffix when too long for a file name."""
-    name = overrides.replace(os.sep, "_").replace("\0", "") or "run"
-    if len(name.encode()) > limit:
-        digest = hashlib.sha256(overrides.encode()).hexdigest()[:12]
-        name = name.encode()[: limit - 13].decode(errors="ignore") + "-" + digest
-    return name
 
 
-OmegaConf.register_new_resolver("lrc_job_dirname", job_dirname, replace=True)  # conf/config.yaml hydra.sweep.subdir
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -120,7 +103,7 @@ def finished_record(cfg: DictConfig, output_dir: Path) -> dict[str, Any] | None:
     if record.get("status") != "done":
         return None
     current = OmegaConf.to_container(cfg, resolve=True)
-    if {**record.get("config", {}), "force": None} != {**current, "force": None}:
+    if {**current_targets(record.get("config", {})), "force": None} != {**current, "force": None}:
         log.info("%s holds a result for another config; recomputing", path)
         return None
     return record

@@ -1,6 +1,7 @@
 """Layer-wise mode: one block at a time gives the whole-model result; compressed inputs differ."""
 
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -208,3 +209,63 @@ def test_partial_layer_plan_collects_statistics_of_compressed_blocks_only(tmp_pa
                                                                      rel=1e-5)
     # one Gram file per block it needs: blocks 2 and 3 (the first two stay dense)
     assert len(list((tmp_path / "layer" / "stats").glob("*.safetensors"))) == 2
+
+
+def test_warm_cache_needs_no_calibration_pass(tmp_path):
+    """A second run finds every statistic it needs in the cache: no forward over the calibration
+    set, even when its plan keeps the first blocks dense (no statistics were ever cached for them)."""
+    from lrc.allocators.ressvd_plc import ResSVDPLC
+
+    base = tiny_random(device="cpu", num_hidden_layers=4)
+    calibration = Calibration(EmbeddedText(), nsamples=4, seqlen=64)
+    passes = []
+    for _ in range(2):
+        loaded = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.identity)
+        outcome = pipeline.compress_and_evaluate(loaded, spec(SVDLLM(), ResSVDPLC(k=2), 0.2, calibration, [],
+                                                              cache_dir=tmp_path, layerwise=LAYERWISE))
+        passes.append(outcome.diagnostics["calibration_passes"])
+    assert passes == [1, 0]
+
+
+class FailingFactorizer(SVDLLM):
+    def __init__(self, fail_at: str) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+
+    def decompose(self, weight, stats=None):
+        if weight is self.fail_at:
+            raise ConfigError("injected failure")
+        return super().decompose(weight, stats)
+
+
+class RecordingHome(ResidentBlocks):
+    """Notes every block that went to the device and every block that came back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out: list[int] = []
+        self.back: list[int] = []
+
+    @contextmanager
+    def visit(self, index, block, device):
+        self.out.append(index)
+        try:
+            with super().visit(index, block, device):
+                yield block
+        finally:
+            self.back.append(index)
+
+
+def test_a_failure_mid_pass_returns_the_visited_block_at_once(tiny, tmp_path):
+    home = RecordingHome()
+    loaded = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, tiny.identity, blocks=home)
+    factorizer = FailingFactorizer(fail_at=loaded.model.model.layers[1].mlp.down_proj.weight)
+    calibration = Calibration(EmbeddedText(), nsamples=2, seqlen=32)
+    try:
+        pipeline.compress_and_evaluate(loaded, spec(factorizer, Uniform(), 0.4, calibration, [], cache_dir=tmp_path,
+                                                    measure_forward=False, layerwise=LAYERWISE))
+    except ConfigError as exc:  # checked while the error is in flight (its frames still alive)
+        assert str(exc) == "injected failure"
+        assert home.out == [0, 1] and home.back == [0, 1]  # block 1 came back before the error left the run
+    else:
+        pytest.fail("the injected failure did not surface")

@@ -210,7 +210,7 @@ def test_sweep_job_folders_are_one_level_whatever_the_values(tmp_path):
 
 
 def test_job_dirname_is_a_single_short_path_component():
-    from lrc.run import job_dirname
+    from lrc.config.resolvers import job_dirname
 
     assert job_dirname("a=1,calibration.path=/x/y.txt") == "a=1,calibration.path=_x_y.txt"
     long = job_dirname("k=" + "v" * 400)

@@ -39,3 +39,37 @@ def test_schema_follows_the_signature():
     fields = {f.name: f.type for f in schema_for(SVDLLM).__dataclass_fields__.values()}
     assert fields["damping"] is float and fields["compute_dtype"] is str
     assert schema_for(lambda **anything: None) is None  # takes anything: nothing to check
+
+
+def test_a_target_that_does_not_exist_is_one_line():
+    with pytest.raises(ConfigError, match=r"factorizer=svdllm: _target_='lrc.factorizers.nowhere.SVD' names nothing"):
+        run_spec(compose([*TINY, "factorizer._target_=lrc.factorizers.nowhere.SVD"]))
+
+
+def test_a_wrong_type_inside_a_list_names_the_option():
+    with pytest.raises(ConfigError, match=r"allocator=ressvd_plc: candidates=\[2, 'abc'\] is not a list of integers"):
+        check_options("lrc.allocators.ressvd_plc.ResSVDPLC", {"candidates": [2, "abc"]}, "allocator=ressvd_plc")
+
+
+@pytest.mark.parametrize("group, option, expected",
+                         [("calibration", "c4", None), ("benchmark", "ptb", "penn_treebank")])
+def test_a_dataset_keeps_its_configuration_name(group, option, expected):
+    """``name`` labels a group's choice, but a dataset's ``name`` is its configuration: C4 has none,
+    PTB's is not WikiText's default."""
+    from lrc.config.build import build_benchmarks, build_calibration
+
+    cfg = compose([*TINY, f"{group}={option}"])
+    source = build_calibration(cfg).source if group == "calibration" else build_benchmarks(cfg)[0].source
+    assert source.name == expected
+
+
+def test_records_of_moved_modules_still_match_and_rebuild():
+    """Records written before the package was split name the old modules; they still resume and export."""
+    from lrc.config.build import current_targets, from_record
+
+    old = {"calibration": {"source": {"_target_": "lrc.calibration.EmbeddedText", "split": "calibration"}},
+           "logger": {"_target_": "lrc.tracking.WandbTracker"}, "ratio": 0.2}
+    assert current_targets(old) == {
+        "calibration": {"source": {"_target_": "lrc.data.sources.EmbeddedText", "split": "calibration"}},
+        "logger": {"_target_": "lrc.results.tracking.WandbTracker"}, "ratio": 0.2}
+    assert from_record(old).calibration.source._target_ == "lrc.data.sources.EmbeddedText"

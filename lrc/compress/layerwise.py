@@ -43,6 +43,11 @@ class LayerwiseOptions:
     enabled: bool = False
     compressed_inputs: bool = False  # feed each block the outputs of the compressed blocks before it
 
+    def __post_init__(self) -> None:
+        for key, value in vars(self).items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"layerwise.{key}={value!r} must be true or false")
+
 
 def check_layerwise(kinds: frozenset[str]) -> None:
     """Layer-wise mode runs forward passes only; reject kinds that need the whole model."""
@@ -76,6 +81,7 @@ class Layerwise:
         check_layerwise(source.kinds)
         self.model, self.source, self.placement, self.watch = model, source, placement, watch
         self.counter = VisitCounter()
+        self._moved_before = placement.home.seconds
         self.path, self.blocks = decoder_blocks(model)
         self.by_block: dict[int, list[TargetLinear]] = {}
         for t in targets:
@@ -100,17 +106,27 @@ class Layerwise:
 
     @property
     def moved_seconds(self) -> float:
-        return self.placement.home.seconds
+        """Seconds this visitor spent moving blocks (the home may serve several runs)."""
+        return self.placement.home.seconds - self._moved_before
+
+    def timings(self) -> dict[str, float]:
+        return {"block_transfer_s": self.moved_seconds}
+
+    def _keyed(self, plan: Mapping[str, int] | None) -> Mapping[str, int] | None:
+        """The plan the statistics depend on: with compressed inputs, the plan; else none (dense)."""
+        return plan if plan is not None and self.placement.compressed_inputs else None
 
     def statistics_cached(self, plan: Mapping[str, int] | None = None) -> bool:
-        return all(self.source.cache.has(self._key(i, plan), self.source.kinds)
+        """Whether every block the pass for ``plan`` needs has its statistics cached."""
+        keyed = self._keyed(plan)
+        return all(self.source.cache.has(self._key(i, keyed), self.source.kinds)
                    for i in range(len(self.blocks)) if self._needed(i, plan))
 
     def visits(self, plan: Mapping[str, int] | None) -> Iterator[Visit]:
-        compressed = plan is not None and self.placement.compressed_inputs
-        keyed = plan if compressed else None
+        keyed = self._keyed(plan)
+        compressed = keyed is not None
         with self.watch("calibration_s"):
-            stream = self._stream(keyed)
+            stream = self._stream(plan)
         device, home = self.placement.device, self.placement.home
         for index in tqdm(range(len(self.blocks)), desc="layer-wise", leave=False, disable=None):
             with home.visit(index, self.blocks[index], device):
@@ -122,8 +138,8 @@ class Layerwise:
                         stream.run(index, advance=True)  # the compressed block's outputs
 
     def _stream(self, plan: Mapping[str, int] | None) -> BlockStream | None:
-        """A fresh stream of calibration activations, or None when every needed statistic is
-        cached (then no block's outputs are needed)."""
+        """A fresh stream of calibration activations for the pass of ``plan``, or None when every
+        needed statistic is cached (then no block's outputs are needed)."""
         if not self.source.kinds or self.statistics_cached(plan):
             return None
         self.counter.passes += 1
@@ -161,7 +177,7 @@ class Layerwise:
     @contextmanager
     def whole_on_device(self) -> Iterator[None]:
         """The whole model on the device for the duration (benchmarks, plan scoring): it lives
-        on the host in layer-wise mode; a streamed model is never whole, see :func:`check_streamed`)."""
+        on the host in layer-wise mode (a streamed model is never whole: :func:`check_streamed`)."""
         if self.placement.home.streamed:
             yield
             return

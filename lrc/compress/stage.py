@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -133,8 +133,7 @@ def compress(task: Task, method: Method, visitor: BlockVisitor, scoring: Scoring
     if damping:
         log.warning("whitening needed damping for %d matrices (max %.3g x mean diag)", len(damping),
                     max(damping.values()))
-    if visitor.mode == "layerwise":
-        watch.timings["block_transfer_s"] = visitor.moved_seconds
+    watch.timings.update(visitor.timings())
     diagnostics = {**visitor.report(), "truncation_error": errors, "damping": damping}
     if method.allocator.report:
         diagnostics["allocation"] = method.allocator.report
@@ -158,20 +157,23 @@ def survey_blocks(task: Task, method: Method, visitor: BlockVisitor, keep: Decom
     spectra are asked for or plans are scored (``keep`` says which decompositions stay)."""
     source, survey = method.allocator.spectrum_source, Survey()
     decompose_all = source == "factorizer" or keep.keep_all
-    for visit in visitor.visits(None):
-        survey.cosine.update({k: v for k, v in visit.stats.items() if k.startswith("sublayer:")})
-        decompose = decomposer(task, method.factorizer, visit)
-        with watch("factorization_s" if decompose_all else "allocation_s"):
-            for t in visit.targets:
-                if decompose_all:
-                    dec = decompose(t.name)
-                    if source == "factorizer":
-                        survey.spectra[t.name] = dec.spectrum.detach().cpu()
-                    if keep(dec):
-                        survey.decompositions[t.name] = dec.to("cpu")
-                if source == "weight":
-                    weight = task.model.get_submodule(t.name).weight.detach().double()
-                    survey.spectra[t.name] = torch.linalg.svdvals(weight).cpu()
+    with closing(visitor.visits(None)) as visits:  # a failure mid-pass returns the visited block at once
+        for visit in visits:
+            survey.cosine.update({k: v for k, v in visit.stats.items() if k.startswith("sublayer:")})
+            if not (decompose_all or source == "weight"):
+                continue  # the allocator needs only the sublayer statistics
+            decompose = decomposer(task, method.factorizer, visit)
+            with watch("factorization_s" if decompose_all else "allocation_s"):
+                for t in visit.targets:
+                    if decompose_all:
+                        dec = decompose(t.name)
+                        if source == "factorizer":
+                            survey.spectra[t.name] = dec.spectrum.detach().cpu()
+                        if keep(dec):
+                            survey.decompositions[t.name] = dec.to("cpu")
+                    if source == "weight":
+                        weight = task.model.get_submodule(t.name).weight.detach().double()
+                        survey.spectra[t.name] = torch.linalg.svdvals(weight).cpu()
     if decompose_all and len(survey.decompositions) < len(task.targets):
         log.info("kept %d of %d decompositions (%.1f GiB); the rest are recomputed when factorizing",
                  len(survey.decompositions), len(task.targets), keep.held / 2**30)
@@ -199,9 +201,10 @@ def factorize_blocks(task: Task, factorizer: Factorizer, visitor: BlockVisitor, 
     returns per-matrix truncation errors and whitening dampings."""
     errors: dict[str, float] = {}
     damping: dict[str, float] = {}
-    for visit in visitor.visits(plan):
-        with watch("factorization_s"):
-            e, d = apply_plan(task.model, visit.targets, plan, decomposer(task, factorizer, visit), decompositions)
-        errors.update(e)
-        damping.update(d)
+    with closing(visitor.visits(plan)) as visits:  # a failure mid-pass returns the visited block at once
+        for visit in visits:
+            with watch("factorization_s"):
+                e, d = apply_plan(task.model, visit.targets, plan, decomposer(task, factorizer, visit), decompositions)
+            errors.update(e)
+            damping.update(d)
     return errors, damping

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lrc.errors import ConfigError
-from lrc.model.adapters import decoder_blocks
+from lrc.model.adapters import decoder_blocks, decoder_stack
 from lrc.stats.collect import batches
 from lrc.stats.hooks import StatisticsHooks, hooks_on
 
@@ -59,7 +59,7 @@ class BlockStream:
             for i, recorder in enumerate(recorders):
                 self.blocks[i] = recorder
             model.to(device)  # no block is in the model now
-            decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+            decoder = decoder_stack(model)
             with torch.inference_mode():
                 for batch in batches(windows, batch_size):
                     decoder(input_ids=batch.to(device), use_cache=False)

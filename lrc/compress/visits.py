@@ -22,14 +22,15 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from lrc.data.windows import Calibration
 from lrc.model.adapters import TargetLinear
+from lrc.model.loading import LoadedModel
 from lrc.resources import Stopwatch
 from lrc.stats.cache import StatisticsCache, statistics_key
 from lrc.stats.collect import collect_statistics, decoder_forward
 from lrc.stats.types import InputStatistics
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,9 @@ class WholeModel:
         self.counter.add(source.kinds, cached)
         return stats
 
+    def timings(self) -> dict[str, float]:
+        return {}
+
     def plain_forward(self) -> None:
         decoder_forward(self.model, self.source.windows, self.source.batch_size)
 
@@ -117,14 +121,6 @@ class WholeModel:
 
     def report(self) -> dict[str, Any]:
         return {"mode": self.mode, **self.counter.report()}
-
-
-
-
-
-
-
-
 
 
 class BlockVisitor(Protocol):
@@ -145,8 +141,11 @@ class BlockVisitor(Protocol):
 
     def report(self) -> dict[str, Any]: ...
 
+    def timings(self) -> dict[str, float]: ...  # seconds the mode spends beyond the stages (moving blocks)
 
-def calibration_statistics(loaded: Any, targets: list[TargetLinear], calibration: Any, windows: torch.Tensor,
+
+def calibration_statistics(loaded: LoadedModel, targets: list[TargetLinear], calibration: Calibration,
+                           windows: torch.Tensor,
                            kinds: frozenset[str], cache: StatisticsCache
                            ) -> tuple[dict[str, InputStatistics], frozenset[str]]:
     """Every block's statistics of ``kinds`` as a whole-model run gets them (same cache entries),

@@ -8,6 +8,7 @@ group and the option, before any heavy work.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from lrc.allocators.keep_dense import KeepDense
 from lrc.budget import check_ratio
 from lrc.compress.layerwise import LayerwiseOptions
 from lrc.compress.stage import Method
-from lrc.config.schema import check_options
+from lrc.config.schema import check_options, resolve_target
 from lrc.data.windows import Calibration
 from lrc.errors import ConfigError, LrcError
 from lrc.eval.perplexity import PerplexityBenchmark
@@ -41,14 +42,18 @@ def plain(node: Any) -> dict[str, Any]:
 
 
 def build(node: Any, what: str, **kwargs: Any) -> Any:
-    """``instantiate`` with a one-line error naming the config group and the bad option.
+    """``instantiate`` with a one-line error naming the config group and the bad option;
+    ``kwargs`` are passed at the call (a ``_partial_`` target).
 
-    A ``name`` key labels the choice for records and reports and is not passed on.
+    A ``name`` key labels a group's choice for records and reports and is not passed on,
+    unless the target takes a ``name`` (a dataset's configuration name).
     """
     spec = plain(node)
-    spec.pop("name", None)
-    if "_target_" in spec:
-        check_options(spec["_target_"], {**spec, **kwargs}, what)
+    target = resolve_target(spec["_target_"], what) if "_target_" in spec else None
+    if "name" in spec and (target is None or "name" not in takes(target)):
+        spec.pop("name")
+    if target is not None:
+        check_options(target, spec, what)
     try:
         built = instantiate(spec, _convert_="all")
         return built(**kwargs) if kwargs else built
@@ -63,9 +68,18 @@ def build(node: Any, what: str, **kwargs: Any) -> Any:
 
 
 def construct(cls: type, options: Mapping[str, Any], what: str, **given: Any) -> Any:
-    """``cls(**given, **options)`` with its options type-checked first."""
-    check_options(cls, {**given, **options}, what)
+    """``cls(**given, **options)`` with the config's ``options`` type-checked first (``given``:
+    objects already built)."""
+    check_options(cls, dict(options), what)
     return cls(**given, **options)
+
+
+def takes(target: Any) -> set[str]:
+    """The keyword options ``target`` accepts."""
+    try:
+        return set(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def build_benchmarks(cfg: DictConfig) -> list[PerplexityBenchmark | ZeroShotBenchmark]:
@@ -86,15 +100,7 @@ def build_benchmarks(cfg: DictConfig) -> list[PerplexityBenchmark | ZeroShotBenc
 
 
 def layerwise_options(cfg: DictConfig) -> LayerwiseOptions:
-    spec = plain(cfg.get("layerwise") or {})
-    known = {f.name for f in fields(LayerwiseOptions)}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ConfigError(f"layerwise: unknown option(s) {unknown}; known: {sorted(known)}")
-    for key, value in spec.items():
-        if not isinstance(value, bool):
-            raise ConfigError(f"layerwise.{key}={value!r} must be true or false")
-    return LayerwiseOptions(**spec)
+    return construct(LayerwiseOptions, plain(cfg.get("layerwise") or {}), "layerwise")
 
 
 def build_allocator(node: DictConfig) -> Allocator:
@@ -168,6 +174,28 @@ def load_model(cfg: DictConfig, spec: RunSpec) -> tuple[LoadedModel, float]:
     return loaded, seconds
 
 
+# Where targets lived before the package was split into stage folders (records written then
+# still re-run, resume and export): old module -> new module.
+MOVED_TARGETS = {"lrc.calibration.": "lrc.data.sources.", "lrc.models.": "lrc.model.loading.",
+                 "lrc.streamed.": "lrc.model.streamed.", "lrc.tracking.": "lrc.results.tracking."}
+
+
+def current_targets(config: Any) -> Any:
+    """``config`` (plain data) with every ``_target_`` of a moved module renamed."""
+    if isinstance(config, dict):
+        return {k: _moved(v) if k == "_target_" else current_targets(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [current_targets(v) for v in config]
+    return config
+
+
+def _moved(target: Any) -> Any:
+    for old, new in MOVED_TARGETS.items():
+        if isinstance(target, str) and target.startswith(old):
+            return new + target[len(old):]
+    return target
+
+
 def from_record(config: Mapping[str, Any]) -> DictConfig:
     """The config a run recorded (``result.json``'s ``config``), ready for :func:`run_spec`."""
-    return OmegaConf.create(dict(config))
+    return OmegaConf.create(current_targets(dict(config)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from typing import Any, Optional
@@ -43,6 +44,8 @@ def _field_type(hint: Any) -> Any:
 
 def _field(name: str, hint: Any, default: Any) -> tuple[str, Any, Any]:
     typ = _field_type(hint)
+    if repr(default) == "<factory>":  # a dataclass field with a default_factory: any value of its type
+        default = None
     if default is None and typ is not Any and typing.get_origin(typ) is not typing.Union:
         typ = Optional[typ]  # noqa: UP045
     if default is inspect.Parameter.empty:
@@ -72,7 +75,7 @@ def check_options(target: Any, options: dict[str, Any], what: str) -> None:
     """Raise a ConfigError naming the option and the type it needs when ``options`` do not fit
     ``target``'s signature (a wrong type, an unknown key)."""
     if isinstance(target, str):
-        target = get_object(target)
+        target = resolve_target(target, what)
     schema = schema_for(target)
     if schema is None:
         return
@@ -83,11 +86,20 @@ def check_options(target: Any, options: dict[str, Any], what: str) -> None:
         known = sorted(f.name for f in dataclasses.fields(schema))
         raise ConfigError(f"{what}: unknown option {exc.key!r}; known: {known}") from None
     except ValidationError as exc:
-        key = str(exc.full_key or exc.key).split(".")[0]
-        wanted = _type_name(next(f.type for f in dataclasses.fields(schema) if f.name == key))
-        raise ConfigError(f"{what}: {exc.full_key}={given.get(key)!r} is not {wanted}") from None
+        key = re.split(r"[.\[]", str(exc.full_key or exc.key))[0]
+        field = next((f for f in dataclasses.fields(schema) if f.name == key), None)
+        wanted = _type_name(field.type) if field is not None else "of the expected type"
+        raise ConfigError(f"{what}: {key}={given.get(key)!r} is not {wanted}") from None
     except OmegaConfBaseException as exc:  # anything else OmegaConf rejects, in one line
         raise ConfigError(f"{what}: {str(exc).splitlines()[0]}") from None
+
+
+def resolve_target(path: str, what: str) -> Any:
+    """The class or function a ``_target_`` names; a ConfigError when there is none."""
+    try:
+        return get_object(path)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{what}: _target_={path!r} names nothing importable ({exc})") from None
 
 
 def _type_name(typ: Any) -> str:

@@ -153,3 +153,8 @@ def bias_flag_linears(model: nn.Module, flags: set[str]) -> tuple[str, ...]:
     """Path suffixes of the linears that ``flags`` give a bias."""
     table = architecture_for(model).bias_flags
     return tuple(s for f in sorted(flags) for s in table[f])
+
+
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (what turns input ids into the last hidden states)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model

@@ -76,7 +76,6 @@ class StreamedBlocks:
             block.to("meta")
             self.seconds += time.perf_counter() - start
 
-
     def materialize(self, blocks: nn.ModuleList, device: torch.device | str = "cpu") -> None:
         """Put every block in memory for good (compressed ones from ``offload_dir``): for
         evaluating a streamed model that fits after all."""

@@ -4,7 +4,7 @@ Kinds (names a factorizer or allocator puts in its ``needs``):
 
 * ``gram`` - G = sum_t x_t x_tᵀ of each shared linear input (one G for q/k/v, one for
   gate/up). Each batch's Gram is computed in float32 GEMMs (the fast path on every
-  device), only its upper triangle for wide inputs (:func:`add_gram`), and summed across
+  device), only its upper triangle for wide inputs (:func:`lrc.stats.hooks.add_gram`), and summed across
   batches in float64.
 * ``mean_abs`` - mean_t |x_t| per input channel (ASVD's activation scale).
 * ``mean`` - mean_t x_t per input channel.
@@ -19,7 +19,7 @@ Kinds (names a factorizer or allocator puts in its ``needs``):
 * ``cosine`` - MGAA's sublayer importance: for every attention and MLP sublayer, the mean
   over calibration tokens of cos(x, f(x)) and cos(x, x + f(x)), x the sublayer's input
   hidden state and f(x) its output (the adapter table names where each sublayer starts
-  and ends). Stored under :func:`sublayer_key`.
+  and ends). Stored under :func:`lrc.stats.hooks.sublayer_key`.
 
 Input kinds and ``cosine`` are computed in one forward pass; hooks are always removed (``finally``).
 """
@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrc.errors import ConfigError
-from lrc.model.adapters import TargetLinear
+from lrc.model.adapters import TargetLinear, decoder_stack
 from lrc.stats.hooks import StatisticsHooks, device_of, hooks_on
 from lrc.stats.kinds import FISHER, parse_kind
 from lrc.stats.types import InputStatistics
@@ -55,7 +55,7 @@ def _progress(windows: torch.Tensor, batch_size: int, desc: str):
 
 def decoder_forward(model: nn.Module, windows: torch.Tensor, batch_size: int, desc: str = "forward") -> float:
     """Run the decoder (no LM head) over ``windows``; return the seconds it took."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    decoder = decoder_stack(model)
     device = device_of(model)
     start = time.perf_counter()
     with torch.inference_mode():

@@ -31,6 +31,8 @@ def parse_kind(kind: str) -> tuple[str, int | None]:
         known = sorted(INPUT_KINDS | {FISHER, COSINE, f"{POOLED}:K"})
         raise ConfigError(f"unknown statistics kinds [{kind!r}]; known: {known}")
     return name, None
+
+
 def kind_field(kind: str) -> str:
     """The InputStatistics field a statistics kind fills (``pooled_cov:32`` -> ``pooled_cov``)."""
     return parse_kind(kind)[0]
