@@ -188,11 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(header, table)
     print(text)
     if args.out is not None:
-        atomic_write_bytes(args.out / "report.md", (text + "\n").encode())
-        atomic_write_bytes(args.out / "report.csv", to_csv(header, table).encode())
-        for path in plot(records, args.out, args.ranks_of):
+        for path in write_report(records, args.out, args.ranks_of, args.metrics.split(",") if args.metrics else None):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def write_report(records: list[dict[str, Any]], out: Path, ranks_of: str | None = None,
+                 only: list[str] | None = None) -> list[Path]:
+    """``report.md``, ``report.csv`` and the PNG plots of ``records`` in ``out``, atomically."""
+    header, table = rows(records, only)
+    atomic_write_bytes(out / "report.md", (markdown(header, table) + "\n").encode())
+    atomic_write_bytes(out / "report.csv", to_csv(header, table).encode())
+    return [out / "report.md", out / "report.csv", *plot(records, out, ranks_of)]
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ ROOT = Path(lrc.__file__).parent
 # Rooms from the top (entry points) to the bottom (maths and shared helpers); a module may
 # import its own room and any room below it, never one above.
 RANKS = [
-    {"run", "export", "generate", "report"},
+    {"run", "export", "generate", "report", "sweep"},
     {"config"},
     {"pipeline"},
     {"compress", "eval", "results"},
@@ -20,7 +20,7 @@ RANKS = [
     # stats.types: the plain statistic dataclass every stage and the factorizers read (torch only)
     {"allocators", "factorizers", "stats.types", "budget", "files", "errors", "paths", "resources", "__init__"},
 ]
-HYDRA_ALLOWED = {"run", "config"}
+HYDRA_ALLOWED = {"run", "sweep", "config"}
 
 
 def room(module: str) -> str:

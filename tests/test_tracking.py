@@ -69,13 +69,32 @@ def test_sweep_runs_share_a_wandb_group_and_are_named_by_overrides(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     groups, names = set(), set()
-    for run_dir in (tmp_path / "sweep").glob("*/wandb/offline-run-*"):
+    for run_dir in (tmp_path / "sweep").glob("[0-9]*/wandb/offline-run-*"):  # the jobs (not the report)
         run_record = next(r for r in records(run_dir) if r.get("type") == "run")["run"]
         groups.add(run_record.get("run_group"))
         names.add(run_record.get("display_name"))
     assert groups == {str(tmp_path / "sweep")}
     assert len(names) == 2 and {n.rsplit(",", 1)[-1] for n in names} == {"ratio=0.2", "ratio=0.4"}
     assert all("model=tiny-random" in n for n in names)  # the run name is the job's overrides
+
+    # when the sweep ended, its comparison was written next to it and logged in its group
+    report = tmp_path / "sweep" / "report"
+    lines = (report / "report.md").read_text().splitlines()
+    assert len(lines) == 4 and all("| done |" in line for line in lines[2:])
+    assert {line.split(" | ")[3] for line in lines[2:]} == {"0.2", "0.4"}  # the ratio column
+    assert (report / "ppl_embedded_vs_ratio.png").stat().st_size > 0
+    report_run = next(report.glob("wandb/offline-run-*"))
+    run_record = next(r for r in records(report_run) if r.get("type") == "run")["run"]
+    assert run_record["run_group"] == str(tmp_path / "sweep") and "sweep-report" in run_record["tags"]
+    table = json.loads(next((report_run / "files" / "media" / "table").glob("comparison_*.table.json")).read_text())
+    assert len(table["data"]) == 2 and table["columns"][:3] == ["method", "allocator", "factorizer"]
+
+    # a re-run sweep skips its finished runs and reports again
+    again = subprocess.run([sys.executable, "-m", "lrc.run", "-m", *TINY, "logger=wandb", "ratio=0.2,0.4",
+                            f"hydra.sweep.dir={tmp_path}/sweep"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("already done, skipped") == 2, again.stdout[-2000:]
+    assert len(list(report.glob("wandb/offline-run-*"))) == 2
 
 
 def test_wandb_gets_the_asvd_sensitivity_table_and_the_method_name(tmp_path, monkeypatch):

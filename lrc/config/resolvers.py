@@ -15,7 +15,11 @@ def sweep_group() -> str | None:
     """The sweep's output folder (e.g. ``multirun/2026-11-23/13-00-00``) in a multirun, else None."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    sweep = Path(HydraConfig.get().sweep.dir)
+    return group_of(Path(HydraConfig.get().sweep.dir))
+
+
+def group_of(sweep: Path) -> str:
+    """The W&B group of a sweep's runs: its folder, relative to ``outputs/`` when under it."""
     return str(sweep.relative_to("outputs") if sweep.parts[:1] == ("outputs",) else sweep)
 
 

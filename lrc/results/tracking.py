@@ -38,6 +38,8 @@ class Tracker:
 
     def log_figure(self, key: str, figure: Any) -> None: ...
 
+    def log_image(self, key: str, path: Path) -> None: ...
+
 
 class WandbTracker(Tracker):
     def __init__(self, output_dir: Path, config: dict[str, Any], project: str = "lrc", mode: str = "offline",
@@ -81,6 +83,12 @@ class WandbTracker(Tracker):
         figure.savefig(buffer, format="png", dpi=100)
         buffer.seek(0)
         self.run.log({key: wandb.Image(Image.open(buffer))})
+
+    def log_image(self, key: str, path: Path) -> None:
+        """An image file (e.g. a PNG plot of the sweep report)."""
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path))})
 
 
 def log_outcome(tracker: Tracker, outcome: Outcome, ratio: float) -> None:
