@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lrc.errors import DataError
+
 log = logging.getLogger(__name__)
 
 
@@ -28,12 +30,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
     Readers see the old file or the whole new one, never a part; a failure leaves no litter.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        os.close(fd)
+    except OSError as exc:
+        raise DataError(f"cannot write {path}: {exc.strerror or exc} (a full disk or a folder not writable?)") from None
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise DataError(f"cannot write {path}: {exc.strerror or exc} (a full disk or a folder not writable?)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -113,8 +113,34 @@ class Cancelled(LrcError):
     """The job was told to stop (scancel, preemption, a time limit): SIGTERM."""
 
 
-def _cancelled(signum: int, frame: Any) -> None:
-    raise Cancelled(f"cancelled by {signal.Signals(signum).name} (scancel, preemption or a time limit)")
+class Signals:
+    """SIGTERM ends a run as failed (a re-run redoes it) - unless submitit is requeueing it.
+
+    Under submitit (``launcher=slurm``, ``max_num_timeout`` > 0) SLURM sends USR2 before a time
+    limit or on preemption; submitit's handler requeues the job and exits, and SLURM's SIGTERM
+    that follows must not record the run as failed: the requeued job carries on in the same
+    folder (statistics, scored plans and dense metrics come back from the caches).
+    """
+
+    def __init__(self) -> None:
+        self.requeueing = False
+        self.submitit_usr2 = signal.getsignal(signal.SIGUSR2)
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.on_term)
+        if callable(self.submitit_usr2):
+            signal.signal(signal.SIGUSR2, self.on_usr2)
+
+    def on_usr2(self, signum: int, frame: Any) -> None:
+        self.requeueing = True
+        log.warning("%s: requeueing the job (preemption or time limit)", signal.Signals(signum).name)
+        self.submitit_usr2(signum, frame)
+
+    def on_term(self, signum: int, frame: Any) -> None:
+        if self.requeueing:
+            log.warning("SIGTERM while requeueing: the requeued job continues this run")
+            return
+        raise Cancelled(f"cancelled by {signal.Signals(signum).name} (scancel, preemption or a time limit)")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -122,7 +148,7 @@ def main(cfg: DictConfig) -> float | None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     if threading.current_thread() is threading.main_thread():
         # SLURM sends SIGTERM before killing a job: record it as failed (a re-run redoes it)
-        signal.signal(signal.SIGTERM, _cancelled)
+        Signals().install()
     done = finished_record(cfg, output_dir)
     if done is not None:  # a re-run sweep skips what it already finished (force=true recomputes)
         log.info("already done, skipped (force=true recomputes): %s", output_dir / RESULT_FILE)
@@ -130,8 +156,11 @@ def main(cfg: DictConfig) -> float | None:
     try:
         record = run(cfg, output_dir)
     except LrcError as exc:
-        write_record(output_dir, {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                                  "config": OmegaConf.to_container(cfg, resolve=False)})
+        try:
+            write_record(output_dir, {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                      "config": OmegaConf.to_container(cfg, resolve=False)})
+        except LrcError as unwritable:  # the failure may be that nothing can be written there
+            log.error("%s", unwritable)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             log.error("run failed: %s", exc)
             return None

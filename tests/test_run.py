@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, compose
 
+from lrc.errors import DataError
 from lrc.results.records import read_record
 from lrc.run import run
 
@@ -215,3 +216,15 @@ def test_job_dirname_is_a_single_short_path_component():
     assert job_dirname("a=1,calibration.path=/x/y.txt") == "a=1,calibration.path=_x_y.txt"
     long = job_dirname("k=" + "v" * 400)
     assert len(long.encode()) <= 200 and "/" not in long and long != job_dirname("k=" + "v" * 399)
+
+
+def test_an_unwritable_cache_or_output_folder_is_one_clear_line(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    proc = cli([*TINY, f"cache_dir={blocker}/cache"], tmp_path / "run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"lrc: error: cannot write {blocker}/cache" in proc.stderr
+    record = read_record(tmp_path / "run" / "result.json")  # the run folder itself is fine: the failure is recorded
+    assert record["status"] == "failed" and "cannot write" in record["error"]
+    with pytest.raises(DataError, match=f"cannot write {blocker}/run"):
+        run(compose([*TINY, f"cache_dir={tmp_path / 'cache'}"]), blocker / "run")

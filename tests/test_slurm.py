@@ -108,3 +108,40 @@ def test_cancelled_job_is_recorded_and_rerun_alone(cluster, tmp_path):
     assert logs.count("already done, skipped") == 1  # only the cancelled run was computed again
     statuses = [json.loads(p.read_text())["status"] for p in (tmp_path / "sweep").glob("*/result.json")]
     assert statuses == ["done", "done"]
+
+
+def running_job(env, sweep_dir: Path, pattern: str, marker: str, seconds: float = 240) -> str | None:
+    """The SLURM id of the running job whose run.log (``pattern``) shows ``marker``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for log in sweep_dir.glob(pattern):
+            if marker in log.read_text():
+                out = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=env, capture_output=True, text=True)
+                running = [line.split()[0] for line in out.stdout.splitlines() if "RUNNING" in line]
+                if running:
+                    return running[0]
+        time.sleep(0.5)
+    return None
+
+
+def test_preempted_job_is_requeued_and_resumes_its_search(cluster, tmp_path):
+    """USR2 (what SLURM sends on preemption or before a time limit): submitit requeues the job,
+    SIGTERM during the requeue does not fail the run, and the requeued job resumes the search
+    with every plan scored before the signal coming back from the score memo."""
+    env = {**cluster, "LRC_CACHE_DIR": str(tmp_path / "cache")}
+    proc = sweep(env, tmp_path / "sweep", "allocator=bayes", "trials=30", background=True)
+    job = running_job(env, tmp_path / "sweep", "*/run.log", "bayes trial 6/")
+    assert job, "the bayes job never started searching"
+    subprocess.run(["scancel", "--signal=USR2", job], env=env, check=True)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    [path] = (tmp_path / "sweep").glob("*/result.json")
+    record = read_record(path)
+    assert record["status"] == "done", record.get("error")
+    memoised = sum(bool(row["memoised"]) for row in record["trials"])
+    assert memoised >= 6 and len(record["trials"]) >= 30  # the trials before the signal were not scored again
+    states = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job.split("_")[0], "-o", "JobID,State"],
+                            env=env, capture_output=True, text=True).stdout.split()
+    assert any(s.endswith("|REQUEUED") for s in states) and any(s.endswith("|COMPLETED") for s in states), states
+    log = (path.parent / "run.log").read_text()
+    assert "requeueing the job" in log and log.count("bayes trial 1/") == 2  # two attempts, one folder

@@ -107,6 +107,7 @@ class PlanScorer:
     def __call__(self, plan: Mapping[str, int], **info: Any) -> Score:
         start = time.perf_counter()
         measured = self.memo.get(plan) if self.memo is not None else None
+        remembered = measured is not None  # scored before (an earlier run, or this run before a requeue)
         if measured is None:
             self.reference()
             with plan_applied(self.model, self.targets, plan, self.decompositions) as model:
@@ -115,7 +116,8 @@ class PlanScorer:
                 self.memo.put(plan, *measured)
         score = self.validation.score(*measured, window_length=self.batches[0].shape[1])
         row = {"trial": len(self.trials), **info, "objective": score.objective, "ppl": score.ppl, "kl": score.kl,
-               "removed_fraction": self.budget.removed_fraction(plan), "seconds": time.perf_counter() - start}
+               "removed_fraction": self.budget.removed_fraction(plan), "seconds": time.perf_counter() - start,
+               "memoised": remembered}
         self.trials.append(row)
         log.debug("trial %d: objective %.4g (ppl %.4g, kl %.4g)", row["trial"], score.objective, score.ppl, score.kl)
         return score

@@ -6,6 +6,7 @@ failure exit code when the run raised, and one failed job never spoils a sweep.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -41,6 +42,11 @@ class Tracker:
     def log_image(self, key: str, path: Path) -> None: ...
 
 
+def run_id(output_dir: Path) -> str:
+    """The W&B run id of a run folder (stable across requeues and re-runs of that folder)."""
+    return hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+
+
 class WandbTracker(Tracker):
     def __init__(self, output_dir: Path, config: dict[str, Any], project: str = "lrc", mode: str = "offline",
                  group: str | None = None, run_name: str | None = None, entity: str | None = None,
@@ -48,8 +54,10 @@ class WandbTracker(Tracker):
         mode = os.environ.get("WANDB_MODE", mode)
         if mode not in MODES:
             raise ValueError(f"wandb mode {mode!r} is not one of {MODES}")
+        # one W&B run per run folder: a requeued or re-run job resumes it instead of starting another
         self.settings = {"project": project, "mode": mode, "group": group, "name": run_name or None, "entity": entity,
-                         "tags": tags, "dir": str(output_dir), "config": config}
+                         "tags": tags, "dir": str(output_dir), "config": config, "id": run_id(output_dir),
+                         "resume": "allow"}
         self.run = None
 
     def __enter__(self) -> WandbTracker:

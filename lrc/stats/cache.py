@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from lrc.errors import DataError
 from lrc.files import atomic_path, cache_key
 from lrc.model.adapters import TargetLinear
 from lrc.stats.kinds import kind_field
@@ -44,16 +45,20 @@ class StatisticsCache:
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
-        """An exclusive file lock across processes and nodes sharing this cache folder."""
+        """An exclusive file lock across processes and nodes sharing this cache folder (the OS
+        drops it when its holder dies, even by SIGKILL)."""
         from filelock import FileLock, Timeout
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.root / f"{key}.lock"))
         try:
-            lock.acquire(blocking=False)
-        except Timeout:
-            log.info("statistics: another job is computing them; waiting for %s", lock.lock_file)
-            lock.acquire()
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.root / f"{key}.lock"))
+            try:
+                lock.acquire(blocking=False)
+            except Timeout:
+                log.info("statistics: another job is computing them; waiting for %s", lock.lock_file)
+                lock.acquire()
+        except OSError as exc:
+            raise DataError(f"cannot write the statistics cache {self.root}: {exc.strerror or exc}") from None
         try:
             yield
         finally:

@@ -1,0 +1,59 @@
+"""A search stopped mid-way resumes where it stopped: every plan it scored comes back from the
+score memo (no model evaluation), and the result equals an uninterrupted search's."""
+
+import copy
+
+import pytest
+from conftest import spec
+
+from lrc import pipeline
+from lrc.allocators.asvd_search import ASVDSensitivity
+from lrc.allocators.bayes import Bayes
+from lrc.allocators.ressvd_plc import ResSVDPLC
+from lrc.compress.scoring import PlanScorer
+from lrc.data.sources import EmbeddedText
+from lrc.data.windows import Calibration
+from lrc.errors import LrcError
+from lrc.factorizers.svdllm import SVDLLM
+from lrc.model.loading import LoadedModel
+
+VALIDATION = {"nsamples": 2, "seqlen": 32, "batch_size": 2}
+SEARCHES = {
+    "bayes-gp": lambda: Bayes(n_trials=8, startup_trials=3, sampler="gp", seed=0, validation=VALIDATION),
+    "bayes-tpe": lambda: Bayes(n_trials=8, startup_trials=3, sampler="tpe", seed=0, validation=VALIDATION),
+    "ressvd_plc": lambda: ResSVDPLC(validation=VALIDATION),
+    "asvd": lambda: ASVDSensitivity(validation=VALIDATION),
+}
+
+
+class Stopped(LrcError):
+    """Stands for a preemption in the middle of a search."""
+
+
+def search(tiny, cache, make_allocator):
+    loaded = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, tiny.identity)
+    calibration = Calibration(EmbeddedText(), nsamples=2, seqlen=32, validation=EmbeddedText("validation"))
+    return pipeline.compress_and_evaluate(loaded, spec(SVDLLM(), make_allocator(), 0.4, calibration, [],
+                                                       cache_dir=cache, measure_forward=False))
+
+
+@pytest.mark.parametrize("name", SEARCHES)
+def test_a_stopped_search_resumes_with_the_uninterrupted_result(name, tiny, tmp_path, monkeypatch):
+    whole = search(tiny, tmp_path / "whole", SEARCHES[name])
+    stop_after = len(whole.trials) // 2
+    evaluate = PlanScorer.evaluate
+
+    def evaluate_until_stopped(self, model):
+        if sum(not row["memoised"] for row in self.trials) >= stop_after:
+            raise Stopped("preempted")
+        return evaluate(self, model)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PlanScorer, "evaluate", evaluate_until_stopped)
+        with pytest.raises(Stopped):
+            search(tiny, tmp_path / "resumed", SEARCHES[name])
+    resumed = search(tiny, tmp_path / "resumed", SEARCHES[name])
+    assert resumed.ranks == whole.ranks
+    assert [row["objective"] for row in resumed.trials] == [row["objective"] for row in whole.trials]
+    assert sum(row["memoised"] for row in resumed.trials) == stop_after  # what it scored before the stop
+    assert not any(row["memoised"] for row in whole.trials)
