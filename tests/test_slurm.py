@@ -110,6 +110,12 @@ def test_cancelled_job_is_recorded_and_rerun_alone(cluster, tmp_path):
     assert statuses == ["done", "done"]
 
 
+def seconds_saved(record: dict) -> float:
+    """Scoring time the memo saved: the memoised trials at the mean time of a freshly scored one."""
+    fresh = [row["seconds"] for row in record["trials"] if not row["memoised"]]
+    return sum(bool(row["memoised"]) for row in record["trials"]) * sum(fresh) / max(len(fresh), 1)
+
+
 def running_job(env, sweep_dir: Path, pattern: str, marker: str, seconds: float = 240) -> str | None:
     """The SLURM id of the running job whose run.log (``pattern``) shows ``marker``."""
     deadline = time.monotonic() + seconds
@@ -124,6 +130,7 @@ def running_job(env, sweep_dir: Path, pattern: str, marker: str, seconds: float 
     return None
 
 
+@pytest.mark.slow  # SLURM holds a requeued job about two minutes before it starts again
 def test_preempted_job_is_requeued_and_resumes_its_search(cluster, tmp_path):
     """USR2 (what SLURM sends on preemption or before a time limit): submitit requeues the job,
     SIGTERM during the requeue does not fail the run, and the requeued job resumes the search
@@ -145,3 +152,27 @@ def test_preempted_job_is_requeued_and_resumes_its_search(cluster, tmp_path):
     assert any(s.endswith("|REQUEUED") for s in states) and any(s.endswith("|COMPLETED") for s in states), states
     log = (path.parent / "run.log").read_text()
     assert "requeueing the job" in log and log.count("bayes trial 1/") == 2  # two attempts, one folder
+    print(f"preempted: sacct {states}; {len(record['trials'])} trials, {memoised} from the memo, "
+          f"about {seconds_saved(record):.1f} s of scoring not repeated")
+
+
+@pytest.mark.slow  # SLURM holds a requeued job about two minutes before it starts again
+def test_job_past_its_time_limit_is_requeued_until_its_search_is_done(cluster, tmp_path):
+    """A one-minute limit with USR2 30 s before it: every attempt scores what it can, is requeued,
+    and the next one replays those plans from the memo and goes on, until the run is done."""
+    env = {**cluster, "LRC_CACHE_DIR": str(tmp_path / "cache")}
+    proc = sweep(env, tmp_path / "sweep", "allocator=bayes", "trials=120", "hydra.launcher.timeout_min=1",
+                 "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=8")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [path] = (tmp_path / "sweep").glob("*/result.json")
+    record = read_record(path)
+    assert record["status"] == "done", record.get("error")
+    job = record["environment"]["SLURM_JOB_ID"]
+    states = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job, "-o", "JobID,State,Elapsed"],
+                            env=env, capture_output=True, text=True).stdout.split()
+    requeued = [s for s in states if "|REQUEUED|" in s]
+    assert requeued and states[-1].split("|")[1] == "COMPLETED", states
+    memoised = sum(bool(row["memoised"]) for row in record["trials"])
+    assert 0 < memoised < len(record["trials"]) == 120
+    print(f"time limit: sacct {states}; {len(record['trials'])} trials, {memoised} from the memo, "
+          f"about {seconds_saved(record):.1f} s of scoring not repeated")
