@@ -176,3 +176,42 @@ def test_job_past_its_time_limit_is_requeued_until_its_search_is_done(cluster, t
     assert 0 < memoised < len(record["trials"]) == 120
     print(f"time limit: sacct {states}; {len(record['trials'])} trials, {memoised} from the memo, "
           f"about {seconds_saved(record):.1f} s of scoring not repeated")
+
+
+def overlap(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals open at one time."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    open_now = peak = 0
+    for _, step in events:
+        open_now += step
+        peak = max(peak, open_now)
+    return peak
+
+
+@pytest.mark.slow  # 24 jobs through a 4-wide array on 2 cores: a few minutes
+def test_a_sweep_of_24_jobs_under_load(cluster, tmp_path):
+    """24 jobs, at most 4 running at once: all finish, each statistics kind is computed once for
+    the whole sweep, and submitting the finished sweep again does no work."""
+    from datetime import datetime
+
+    env = {**cluster, "LRC_CACHE_DIR": str(tmp_path / "cache")}
+    grid = ["allocator=uniform,mgaa,energy,ressvd_plc", "factorizer=svdllm,svd,asvd", "ratio=0.2,0.4",
+            "hydra.launcher.array_parallelism=4"]
+    start = time.monotonic()
+    proc = sweep(env, tmp_path / "sweep", *grid)
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [read_record(p) for p in (tmp_path / "sweep").glob("*/result.json")]
+    assert len(records) == 24 and all(r["status"] == "done" for r in records)
+    logs = job_logs(tmp_path / "sweep")
+    computed = {kind: logs.count(f"statistics: computed {kind},") for kind in ("gram", "mean_abs", "cosine")}
+    assert computed == {"gram": 1, "mean_abs": 1, "cosine": 1}, computed
+    array = records[0]["environment"]["SLURM_ARRAY_JOB_ID"]
+    rows = subprocess.run(["sacct", "-X", "-n", "-P", "-j", array, "-o", "JobID,Start,End,State"], env=env,
+                          capture_output=True, text=True).stdout.split()
+    spans = [tuple(datetime.fromisoformat(t).timestamp() for t in row.split("|")[1:3]) for row in rows]
+    assert len(spans) == 24 and 1 < overlap(spans) <= 4, rows
+    again = sweep(env, tmp_path / "sweep", *grid)
+    assert again.returncode == 0 and job_logs(tmp_path / "sweep").count("already done, skipped") == 24
+    print(f"load sweep: 24 jobs in {wall:.0f} s, at most {overlap(spans)} running at once, statistics computed "
+          f"{computed}; re-submitted: 24 skipped")
