@@ -40,12 +40,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Settings:
     """How a run works (not what it computes): where caches live, the work device (None: where
-    the model is), layer-wise mode, and whether to time a plain calibration forward."""
+    the model is), layer-wise mode, whether to time a plain calibration forward, and the run
+    folder (a search keeps its record there; None: nowhere)."""
 
     cache_dir: Path
     device: torch.device | None = None
     layerwise: LayerwiseOptions = field(default_factory=LayerwiseOptions)
     measure_forward: bool = True
+    run_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def calibration_windows(loaded: LoadedModel, spec: RunSpec) -> tuple[torch.Tenso
                 "factorizer": spec.method.factorizer.describe(),
                 "compressed_inputs": spec.settings.layerwise.compressed_inputs, "protocol": 2}
     memo = ScoreMemo(Path(spec.settings.cache_dir) / "scores" / ScoreMemo.key(identity, held_out))
-    return windows, Scoring(held_out, memo)
+    return windows, Scoring(held_out, memo, spec.settings.run_dir)
 
 
 def block_visitor(loaded: LoadedModel, task: Task, spec: RunSpec, windows: torch.Tensor,

@@ -53,7 +53,7 @@ def environment() -> dict[str, str]:
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     """Validate, build, compress, evaluate; return the record (also written to result.json)."""
     start = time.perf_counter()
-    spec = run_spec(cfg)
+    spec = run_spec(cfg, run_dir=output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     loaded, load_s = load_model(cfg, spec)
     tracker = build(cfg.logger, "logger", output_dir=output_dir, config=config)

@@ -50,12 +50,12 @@ def compose(overrides: list[str]):
 
 
 def spec(factorizer, allocator, ratio, calibration, benchmarks, cache_dir, measure_forward=True, layerwise=None,
-         device=None):
+         device=None, run_dir=None):
     """A RunSpec from the parts a test varies (the pipeline's own arguments are small typed objects)."""
     from lrc.compress.layerwise import LayerwiseOptions
     from lrc.compress.stage import Method
     from lrc.pipeline import RunSpec, Settings
 
     settings = Settings(cache_dir=cache_dir, device=device, layerwise=layerwise or LayerwiseOptions(),
-                        measure_forward=measure_forward)
+                        measure_forward=measure_forward, run_dir=run_dir)
     return RunSpec(Method(factorizer, allocator), ratio, calibration, benchmarks, settings)

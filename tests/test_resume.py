@@ -30,11 +30,11 @@ class Stopped(LrcError):
     """Stands for a preemption in the middle of a search."""
 
 
-def search(tiny, cache, make_allocator):
+def search(tiny, cache, make_allocator, run_dir=None):
     loaded = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, tiny.identity)
     calibration = Calibration(EmbeddedText(), nsamples=2, seqlen=32, validation=EmbeddedText("validation"))
     return pipeline.compress_and_evaluate(loaded, spec(SVDLLM(), make_allocator(), 0.4, calibration, [],
-                                                       cache_dir=cache, measure_forward=False))
+                                                       cache_dir=cache, measure_forward=False, run_dir=run_dir))
 
 
 @pytest.mark.parametrize("name", SEARCHES)
@@ -57,3 +57,32 @@ def test_a_stopped_search_resumes_with_the_uninterrupted_result(name, tiny, tmp_
     assert [row["objective"] for row in resumed.trials] == [row["objective"] for row in whole.trials]
     assert sum(row["memoised"] for row in resumed.trials) == stop_after  # what it scored before the stop
     assert not any(row["memoised"] for row in whole.trials)
+
+
+def test_bayes_keeps_its_study_in_a_journal_in_the_run_folder(tiny, tmp_path, monkeypatch):
+    """The study is an optuna JournalStorage file in the run folder; after a stop and a resume it
+    holds exactly the uninterrupted search (the resumed attempt starts it afresh and replays)."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from lrc.allocators.bayes import STUDY_FILE, STUDY_NAME
+
+    whole = search(tiny, tmp_path / "whole", SEARCHES["bayes-gp"])  # no run folder: an in-memory study
+    evaluate = PlanScorer.evaluate
+
+    def evaluate_until_stopped(self, model):
+        if sum(not row["memoised"] for row in self.trials) >= 3:
+            raise Stopped("preempted")
+        return evaluate(self, model)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PlanScorer, "evaluate", evaluate_until_stopped)
+        with pytest.raises(Stopped):
+            search(tiny, tmp_path / "cache", SEARCHES["bayes-gp"], run_dir=tmp_path / "run")
+    resumed = search(tiny, tmp_path / "cache", SEARCHES["bayes-gp"], run_dir=tmp_path / "run")
+    assert resumed.ranks == whole.ranks
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "run" / STUDY_FILE)))
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    values = [t.value for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])]
+    assert values == [row["objective"] for row in whole.trials]

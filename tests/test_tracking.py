@@ -121,3 +121,17 @@ def test_wandb_logs_bolacos_search_with_its_final_fitted_trial(tmp_path, monkeyp
     trial, final = table["columns"].index("trial"), table["columns"].index("final")
     assert [row[trial] for row in table["data"]] == [0, 1, 2, 3] == [t["trial"] for t in record["trials"]]
     assert table["data"][-1][final] == 1
+
+
+def test_a_run_folder_keeps_one_wandb_run_across_requeues(tmp_path, monkeypatch):
+    """A requeued (or re-run) job resumes the W&B run of its folder instead of starting another."""
+    from lrc.results.tracking import WandbTracker, run_id
+
+    same = [WandbTracker(tmp_path / "a", {}).settings for _ in range(2)]
+    assert same[0]["id"] == same[1]["id"] == run_id(tmp_path / "a") != run_id(tmp_path / "b")
+    assert same[0]["resume"] == "allow"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for _ in range(2):  # the second attempt at the same folder
+        run(compose([*TINY, "logger=wandb", "force=true"]), tmp_path / "a")
+    attempts = sorted((tmp_path / "a" / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(p.name.endswith(run_id(tmp_path / "a")) for p in attempts)

@@ -21,6 +21,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -124,6 +125,8 @@ class AllocationContext:
     # hidden states: (before the residual add, after it).
     sublayer_cosine: Mapping[tuple[int, str], tuple[float, float]] = field(default_factory=dict)
     score: ScoreFn | None = None
+    # Where a search may keep a record of itself for this run (the run folder), or None.
+    state_dir: Path | None = None
 
 
 class Allocator(ABC):

@@ -36,6 +36,7 @@ import math
 import random
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from lrc.allocators.base import (
@@ -58,6 +59,8 @@ SAMPLERS = ("gp", "tpe")
 BUDGETS = ("project", "window")
 DEFAULT_GROUPS = (("q_proj", "k_proj"), ("v_proj",), ("o_proj",), ("gate_proj",), ("up_proj",), ("down_proj",))
 MAX_REJECTIONS_PER_TRIAL = 200
+STUDY_NAME = "bayes"
+STUDY_FILE = "bayes_study.journal"  # optuna JournalStorage, in the run folder
 TOLERANCE = 1e-9  # a candidate on the window's edge (the uniform plan) is inside
 
 
@@ -149,6 +152,7 @@ class _Search:
     def __init__(self, owner: Bayes, matrices: Sequence[MatrixInfo], budget: Budget,
                  context: AllocationContext) -> None:
         self.owner, self.matrices, self.budget, self.score = owner, matrices, budget, context.score
+        self.state_dir = context.state_dir
         self.group = owner.group_of(matrices)
         self.dims = list(dict.fromkeys(self.group.values()))  # search-space dimensions, in model order
         self.weights = {d: 0 for d in self.dims}
@@ -182,10 +186,28 @@ class _Search:
                                                     deterministic_objective=True)
             else:
                 sampler = optuna.samplers.TPESampler(seed=owner.seed, n_startup_trials=startup)
-        study = optuna.create_study(direction="minimize", sampler=sampler)
+        study = optuna.create_study(direction="minimize", sampler=sampler, study_name=STUDY_NAME,
+                                    storage=self.storage())
         for params in queued:
             study.enqueue_trial(params)
         return study
+
+    def storage(self) -> Any:
+        """The study's optuna storage: a journal file in the run folder, started afresh by each
+        attempt (a resumed search replays its scored plans from the score memo, so the journal
+        ends holding exactly the uninterrupted search); in memory without a run folder."""
+        if self.state_dir is None:
+            return None
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(self.state_dir) / STUDY_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage = JournalStorage(JournalFileBackend(str(path)))
+        if any(s.study_name == STUDY_NAME for s in storage.get_all_studies()):
+            optuna.delete_study(study_name=STUDY_NAME, storage=storage)
+        return storage
 
     def random_feasible(self, rng: random.Random) -> dict[str, float]:
         for _ in range(MAX_REJECTIONS_PER_TRIAL * 10):

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,10 +73,12 @@ class Task:
 @dataclass(frozen=True)
 class Scoring:
     """What a search allocator's plan scorer needs besides the model: the held-out validation
-    windows and the memo of plans already scored."""
+    windows and the memo of plans already scored; and where the search may keep a record of
+    itself (the run folder; None: nowhere)."""
 
     windows: torch.Tensor
     memo: ScoreMemo
+    state_dir: Path | None = None
 
 
 @dataclass
@@ -125,7 +128,7 @@ def compress(task: Task, method: Method, visitor: BlockVisitor, scoring: Scoring
         if scoring is not None:  # scoring runs the whole model on the device
             scorer = PlanScorer(task.model, task.targets, survey.decompositions, scoring.windows, task.budget,
                                 method.allocator.validation, scoring.memo)
-        plan = allocate(task, method.allocator, survey, scorer)
+        plan = allocate(task, method.allocator, survey, scorer, scoring.state_dir if scoring is not None else None)
     if visitor.refreshes_statistics:
         survey.decompositions.clear()  # the statistics of the compressed model differ
     errors, damping = factorize_blocks(task, method.factorizer, visitor, plan, survey.decompositions, watch)
@@ -180,12 +183,13 @@ def survey_blocks(task: Task, method: Method, visitor: BlockVisitor, keep: Decom
     return survey
 
 
-def allocate(task: Task, allocator: Allocator, survey: Survey, scorer: PlanScorer | None) -> dict[str, int]:
+def allocate(task: Task, allocator: Allocator, survey: Survey, scorer: PlanScorer | None,
+             state_dir: Path | None = None) -> dict[str, int]:
     """The allocator's rank plan, checked against the budget."""
     matrices: Sequence[MatrixInfo] = task.matrices()
     if allocator.spectrum_source is not None:
         matrices = [replace(m, spectrum=survey.spectra[m.name]) for m in matrices]
-    context = AllocationContext(sublayer_cosine=sublayer_cosine(survey.cosine), score=scorer)
+    context = AllocationContext(sublayer_cosine=sublayer_cosine(survey.cosine), score=scorer, state_dir=state_dir)
     plan = allocator.allocate(matrices, task.budget, context)
     check_plan(plan, task.budget)
     if allocator.report:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.errors import InstantiationException
@@ -150,14 +151,15 @@ def check_run_options(cfg: DictConfig) -> None:
         check_options(schema, {k: cfg[k] for k in names if k in cfg}, "config")
 
 
-def run_spec(cfg: DictConfig, benchmarks: bool = True) -> RunSpec:
+def run_spec(cfg: DictConfig, benchmarks: bool = True, run_dir: Path | None = None) -> RunSpec:
     """Validate and build every part of the config (bad input fails here, before any heavy work);
     ``benchmarks=False`` builds none and times no plain forward (re-compressing to export)."""
     check_run_options(cfg)
     factorizer = build(cfg.factorizer, f"factorizer={cfg.get('factorizer', {}).get('name')}")
     method = Method(factorizer=factorizer, allocator=build_allocator(cfg.allocator))
     settings = Settings(cache_dir=cache_root(cfg.cache_dir), device=resolve_device(cfg.device),
-                        layerwise=layerwise_options(cfg), measure_forward=bool(cfg.measure_forward and benchmarks))
+                        layerwise=layerwise_options(cfg), measure_forward=bool(cfg.measure_forward and benchmarks),
+                        run_dir=run_dir)
     return RunSpec(method=method, ratio=check_ratio(cfg.ratio), calibration=build_calibration(cfg),
                    benchmarks=build_benchmarks(cfg) if benchmarks else [], settings=settings)
 
