@@ -76,3 +76,46 @@ class JsonCache:
 
     def save(self, key: str, value: dict[str, Any]) -> None:
         atomic_write_json(self.root / f"{key}.json", value)
+
+
+def save_checked(path: Path, key: str, tensors: dict[str, Any], meta: dict[str, str]) -> Path:
+    """Tensors as one safetensors file, atomically, with their key and a sha256 of their bytes."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**meta, "key": key, "sha256": content_digest(tensors)})
+    return path
+
+
+def load_checked(path: Path, key: str) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """(tensors, metadata) of a file written by :func:`save_checked` under ``key``; None (and a
+    warning) when it is missing, unreadable, another key's or not the bytes it was written with."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+        if meta.get("key") != key:
+            raise ValueError(f"key mismatch ({meta.get('key')})")
+        if meta.get("sha256") != content_digest(tensors):
+            raise ValueError("content hash mismatch")
+    except (SafetensorError, OSError, ValueError) as exc:
+        log.warning("ignoring unreadable cache file %s (%s); it will be recomputed", path, exc)
+        return None
+    return tensors, meta
+
+
+def content_digest(tensors: dict[str, Any]) -> str:
+    """sha256 over every tensor's name and bytes (sorted): a file that does not match is not used."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy())  # no copy
+    return h.hexdigest()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lrc.budget import Budget
+from lrc.compress.decompositions import DecompositionCache
 from lrc.compress.layerwise import Layerwise, LayerwiseOptions, Placement, check_layerwise, check_streamed
 from lrc.compress.scoring import ScoreMemo
 from lrc.compress.stage import Method, Scoring, Task, compress
@@ -40,14 +41,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Settings:
     """How a run works (not what it computes): where caches live, the work device (None: where
-    the model is), layer-wise mode, whether to time a plain calibration forward, and the run
-    folder (a search keeps its record there; None: nowhere)."""
+    the model is), layer-wise mode, whether to time a plain calibration forward, the run
+    folder (a search keeps its record there; None: nowhere) and whether decompositions are
+    cached on disk (:mod:`lrc.compress.decompositions`)."""
 
     cache_dir: Path
     device: torch.device | None = None
     layerwise: LayerwiseOptions = field(default_factory=LayerwiseOptions)
     measure_forward: bool = True
     run_dir: Path | None = None
+    decomposition_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,8 @@ def compress_and_evaluate(loaded: LoadedModel, spec: RunSpec) -> Outcome:
     log.info("dense model: %s", _fmt(dense))
     if settings.measure_forward and method.kinds and not visitor.statistics_cached():
         time_plain_forward(visitor, watch)
-    done = compress(task, method, visitor, scoring, watch)
+    stored = DecompositionCache(settings.cache_dir) if settings.decomposition_cache else None
+    done = compress(task, method, visitor, scoring, watch, stored)
     params = measure_params(task, done.plan)
     with watch("benchmark_s"), visitor.whole_on_device():
         metrics = run_benchmarks(loaded.model, loaded.tokenizer, list(spec.benchmarks))

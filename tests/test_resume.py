@@ -86,3 +86,33 @@ def test_bayes_keeps_its_study_in_a_journal_in_the_run_folder(tiny, tmp_path, mo
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
     values = [t.value for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])]
     assert values == [row["objective"] for row in whole.trials]
+
+
+def test_decompositions_kept_on_disk_serve_the_next_run_exactly(tiny, tmp_path):
+    """decomposition_cache: a sweep over ratios decomposes each matrix once; what comes back from
+    disk gives exactly the model a fresh decomposition gives."""
+    from lrc.allocators.uniform import Uniform
+    from lrc.compress.layerwise import LayerwiseOptions
+    from lrc.eval.perplexity import PerplexityBenchmark
+    from lrc.pipeline import RunSpec, Settings, compress_and_evaluate
+
+    calibration = Calibration(EmbeddedText(), nsamples=2, seqlen=32)
+    bench = [PerplexityBenchmark("embedded", EmbeddedText("test"), seqlen=64, max_windows=4)]
+
+    def run(ratio, cache, stored, layerwise=False):
+        loaded = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, tiny.identity)
+        settings = Settings(cache_dir=cache, measure_forward=False, decomposition_cache=stored,
+                            layerwise=LayerwiseOptions(enabled=layerwise))
+        return compress_and_evaluate(loaded, RunSpec(pipeline.Method(SVDLLM(), Uniform()), ratio, calibration, bench,
+                                                     settings))
+
+    first, second = run(0.2, tmp_path / "a", True), run(0.4, tmp_path / "a", True)
+    fresh = run(0.4, tmp_path / "b", False)
+    low_rank = len(second.ranks)  # tiny-random: every matrix is factorized at these ratios
+    assert (first.diagnostics["decompositions_computed"], first.diagnostics["decompositions_reused"]) == (low_rank, 0)
+    assert (second.diagnostics["decompositions_computed"], second.diagnostics["decompositions_reused"]) == (0, low_rank)
+    assert second.metrics == fresh.metrics and second.diagnostics["truncation_error"] == fresh.diagnostics[
+        "truncation_error"]
+    assert "decompositions_reused" not in fresh.diagnostics
+    layer = run(0.4, tmp_path / "a", True, layerwise=True)  # per-block statistics keys: its own entries
+    assert layer.diagnostics["decompositions_computed"] == low_rank and layer.metrics == pytest.approx(fresh.metrics)

@@ -132,7 +132,7 @@ class Layerwise:
             with home.visit(index, self.blocks[index], device):
                 with self.watch("calibration_s"):
                     stats = self._block_statistics(index, stream, keyed, needed=self._needed(index, plan))
-                yield Visit(self.by_block.get(index, []), stats)
+                yield Visit(self.by_block.get(index, []), stats, self._key(index, keyed))
                 if compressed and stream is not None:
                     with self.watch("calibration_s"):
                         stream.run(index, advance=True)  # the compressed block's outputs

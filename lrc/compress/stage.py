@@ -21,6 +21,7 @@ from torch import nn
 
 from lrc.allocators.base import AllocationContext, Allocator, MatrixInfo
 from lrc.budget import Budget, check_plan
+from lrc.compress.decompositions import DecompositionCache
 from lrc.compress.scoring import PlanScorer, ScoreMemo
 from lrc.compress.swap import apply_plan
 from lrc.compress.visits import BlockVisitor, Visit
@@ -114,15 +115,17 @@ class DecompositionKeeper:
         return True
 
 
-def compress(task: Task, method: Method, visitor: BlockVisitor, scoring: Scoring | None,
-             watch: Stopwatch) -> Compression:
-    """Compress ``task.model`` in place; return the plan and what the stage measured."""
+def compress(task: Task, method: Method, visitor: BlockVisitor, scoring: Scoring | None, watch: Stopwatch,
+             stored: DecompositionCache | None = None) -> Compression:
+    """Compress ``task.model`` in place; return the plan and what the stage measured
+    (``stored``: decompositions read from and written to disk)."""
+    decomposer = Decomposer(method.factorizer, stored)
     survey = Survey()
     if method.plan_needs_data:
         # kept decompositions serve factorization, unless the blocks will then see other inputs
         keeper = DecompositionKeeper(keep_all=scoring is not None,
                                      keep_none=visitor.refreshes_statistics and scoring is None)
-        survey = survey_blocks(task, method, visitor, keeper, watch)
+        survey = survey_blocks(task, method.allocator, decomposer, visitor, keeper, watch)
     scorer = None
     with watch("allocation_s"), visitor.whole_on_device() if scoring is not None else nullcontext():
         if scoring is not None:  # scoring runs the whole model on the device
@@ -131,41 +134,54 @@ def compress(task: Task, method: Method, visitor: BlockVisitor, scoring: Scoring
         plan = allocate(task, method.allocator, survey, scorer, scoring.state_dir if scoring is not None else None)
     if visitor.refreshes_statistics:
         survey.decompositions.clear()  # the statistics of the compressed model differ
-    errors, damping = factorize_blocks(task, method.factorizer, visitor, plan, survey.decompositions, watch)
+    errors, damping = factorize_blocks(task, decomposer, visitor, plan, survey.decompositions, watch)
     survey.decompositions.clear()
     if damping:
         log.warning("whitening needed damping for %d matrices (max %.3g x mean diag)", len(damping),
                     max(damping.values()))
     watch.timings.update(visitor.timings())
-    diagnostics = {**visitor.report(), "truncation_error": errors, "damping": damping}
+    diagnostics = {**visitor.report(), **(stored.report() if stored is not None else {}),
+                   "truncation_error": errors, "damping": damping}
     if method.allocator.report:
         diagnostics["allocation"] = method.allocator.report
     return Compression(plan, diagnostics, scorer.trials if scorer is not None else [])
 
 
-def decomposer(task: Task, factorizer: Factorizer, visit: Visit) -> Callable[[str], Decomposition]:
-    """``decompose(name)`` for the targets of one visit."""
-    by_name = {t.name: t for t in visit.targets}
+@dataclass(frozen=True)
+class Decomposer:
+    """Decomposes the targets of a visit with the factorizer, through the decomposition cache
+    when there is one."""
 
-    def decompose(name: str) -> Decomposition:
-        return factorizer.decompose(task.model.get_submodule(name).weight, for_target(visit.stats, by_name[name]))
+    factorizer: Factorizer
+    stored: DecompositionCache | None = None
 
-    return decompose
+    def for_visit(self, task: Task, visit: Visit) -> Callable[[str], Decomposition]:
+        """``decompose(name)`` for the targets of one visit."""
+        by_name = {t.name: t for t in visit.targets}
+
+        def decompose(name: str) -> Decomposition:
+            weight, stats = task.model.get_submodule(name).weight, for_target(visit.stats, by_name[name])
+            if self.stored is None:
+                return self.factorizer.decompose(weight, stats)
+            return self.stored.get_or_compute(visit.key, self.factorizer.describe(), name,
+                                              lambda: self.factorizer.decompose(weight, stats))
+
+        return decompose
 
 
-def survey_blocks(task: Task, method: Method, visitor: BlockVisitor, keep: DecompositionKeeper,
-                  watch: Stopwatch) -> Survey:
+def survey_blocks(task: Task, allocator: Allocator, decomposer: Decomposer, visitor: BlockVisitor,
+                  keep: DecompositionKeeper, watch: Stopwatch) -> Survey:
     """One pass over the blocks: sublayer statistics, and the spectrum every matrix gets in the
     allocator's terms (``spectrum_source``); every matrix is decomposed when the factorizer's
     spectra are asked for or plans are scored (``keep`` says which decompositions stay)."""
-    source, survey = method.allocator.spectrum_source, Survey()
+    source, survey = allocator.spectrum_source, Survey()
     decompose_all = source == "factorizer" or keep.keep_all
     with closing(visitor.visits(None)) as visits:  # a failure mid-pass returns the visited block at once
         for visit in visits:
             survey.cosine.update({k: v for k, v in visit.stats.items() if k.startswith("sublayer:")})
             if not (decompose_all or source == "weight"):
                 continue  # the allocator needs only the sublayer statistics
-            decompose = decomposer(task, method.factorizer, visit)
+            decompose = decomposer.for_visit(task, visit)
             with watch("factorization_s" if decompose_all else "allocation_s"):
                 for t in visit.targets:
                     if decompose_all:
@@ -198,7 +214,7 @@ def allocate(task: Task, allocator: Allocator, survey: Survey, scorer: PlanScore
     return dict(plan)
 
 
-def factorize_blocks(task: Task, factorizer: Factorizer, visitor: BlockVisitor, plan: Mapping[str, int],
+def factorize_blocks(task: Task, decomposer: Decomposer, visitor: BlockVisitor, plan: Mapping[str, int],
                      decompositions: dict[str, Decomposition], watch: Stopwatch
                      ) -> tuple[dict[str, float], dict[str, float]]:
     """Swap every planned matrix for its low-rank layer, block by block as the visitor goes;
@@ -208,7 +224,7 @@ def factorize_blocks(task: Task, factorizer: Factorizer, visitor: BlockVisitor, 
     with closing(visitor.visits(plan)) as visits:  # a failure mid-pass returns the visited block at once
         for visit in visits:
             with watch("factorization_s"):
-                e, d = apply_plan(task.model, visit.targets, plan, decomposer(task, factorizer, visit), decompositions)
+                e, d = apply_plan(task.model, visit.targets, plan, decomposer.for_visit(task, visit), decompositions)
             errors.update(e)
             damping.update(d)
     return errors, damping

@@ -35,10 +35,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Visit:
-    """Target linears whose weights are at hand (on the work device), and their statistics."""
+    """Target linears whose weights are at hand (on the work device), their statistics, and the
+    statistics' cache key (what a decomposition computed from them depends on)."""
 
     targets: list[TargetLinear]
     stats: dict[str, InputStatistics]
+    key: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class WholeModel:
     def visits(self, plan: Mapping[str, int] | None) -> Iterator[Visit]:
         if self._stats is None:
             self._stats = self._statistics()
-        yield Visit(self.targets, self._stats)
+        yield Visit(self.targets, self._stats, self._key())
         if plan is not None:
             self._stats = None  # factorized: not needed again
 

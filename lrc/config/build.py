@@ -143,6 +143,7 @@ class RunSwitches:
     save: bool = False
     merge: bool = False
     measure_forward: bool = True
+    decomposition_cache: bool = False
 
 
 def check_run_options(cfg: DictConfig) -> None:
@@ -159,7 +160,7 @@ def run_spec(cfg: DictConfig, benchmarks: bool = True, run_dir: Path | None = No
     method = Method(factorizer=factorizer, allocator=build_allocator(cfg.allocator))
     settings = Settings(cache_dir=cache_root(cfg.cache_dir), device=resolve_device(cfg.device),
                         layerwise=layerwise_options(cfg), measure_forward=bool(cfg.measure_forward and benchmarks),
-                        run_dir=run_dir)
+                        run_dir=run_dir, decomposition_cache=bool(cfg.get("decomposition_cache", False)))
     return RunSpec(method=method, ratio=check_ratio(cfg.ratio), calibration=build_calibration(cfg),
                    benchmarks=build_benchmarks(cfg) if benchmarks else [], settings=settings)
 

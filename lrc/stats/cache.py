@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -10,12 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-
 from lrc.errors import DataError
-from lrc.files import atomic_path, cache_key
+from lrc.files import cache_key, load_checked, save_checked
 from lrc.model.adapters import TargetLinear
 from lrc.stats.kinds import kind_field
 from lrc.stats.types import InputStatistics
@@ -65,20 +60,14 @@ class StatisticsCache:
             lock.release()
 
     def load(self, key: str) -> dict[str, InputStatistics] | None:
-        path = self.path(key)
-        if not path.is_file():
+        found = load_checked(self.path(key), key)
+        if found is None:
             return None
+        tensors, meta = found
         try:
-            with safe_open(str(path), "pt") as fh:
-                meta = fh.metadata() or {}
-            tensors = load_file(str(path))
-            if meta.get("key") != key:
-                raise ValueError(f"key mismatch ({meta.get('key')})")
-            if meta.get("sha256") != _digest(tensors):
-                raise ValueError("content hash mismatch")
             tokens = json.loads(meta["tokens"])
-        except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            log.warning("ignoring unreadable statistics cache %s: %s", path, exc)
+        except (KeyError, json.JSONDecodeError) as exc:
+            log.warning("ignoring unreadable statistics cache %s: %s", self.path(key), exc)
             return None
         stats = {entry: InputStatistics(tokens=t) for entry, t in tokens.items()}
         for name, tensor in tensors.items():
@@ -87,14 +76,10 @@ class StatisticsCache:
         return stats
 
     def save(self, key: str, stats: dict[str, InputStatistics]) -> Path:
-        tensors = {f"{entry}/{f}": getattr(s, f).contiguous() for entry, s in stats.items()
+        tensors = {f"{entry}/{f}": getattr(s, f) for entry, s in stats.items()
                    for f in InputStatistics.TENSOR_FIELDS if getattr(s, f) is not None}
-        meta = {"key": key, "tokens": json.dumps({entry: s.tokens for entry, s in stats.items()}),
-                "sha256": _digest(tensors)}
-        path = self.path(key)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+        tokens = json.dumps({entry: s.tokens for entry, s in stats.items()})
+        return save_checked(self.path(key), key, tensors, {"tokens": tokens})
 
     def has(self, base: dict[str, Any], kinds: frozenset[str]) -> bool:
         """Whether a file exists for every kind (its contents are checked when loaded)."""
@@ -127,15 +112,6 @@ class StatisticsCache:
         if cached:
             info("statistics: reused cached %s", ", ".join(sorted(cached)))
         return _merge(parts.values()), cached
-
-
-def _digest(tensors: dict[str, Any]) -> str:
-    """sha256 over every tensor's name and bytes (sorted): a file that does not match is not used."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy())  # no copy
-    return h.hexdigest()
 
 
 def _only(stats: dict[str, InputStatistics], field_name: str) -> dict[str, InputStatistics]:
