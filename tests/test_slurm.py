@@ -215,3 +215,72 @@ def test_a_sweep_of_24_jobs_under_load(cluster, tmp_path):
     assert again.returncode == 0 and job_logs(tmp_path / "sweep").count("already done, skipped") == 24
     print(f"load sweep: 24 jobs in {wall:.0f} s, at most {overlap(spans)} running at once, statistics computed "
           f"{computed}; re-submitted: 24 skipped")
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from hydra import compose, initialize_config_dir
+from lrc.config.build import load_model, run_spec
+from lrc.files import cache_key
+from lrc.model.adapters import find_targets
+from lrc.stats.cache import StatisticsCache, statistics_key
+
+conf, cache, holding, *overrides = sys.argv[1:]
+with initialize_config_dir(config_dir=conf, version_base="1.3"):
+    cfg = compose(config_name="config", overrides=overrides)
+spec = run_spec(cfg)
+loaded, _ = load_model(cfg, spec)
+base = statistics_key({"model": loaded.identity, "calibration": spec.calibration.describe()},
+                      find_targets(loaded.model), mode="whole-model")
+stats = StatisticsCache(Path(cache))
+
+def compute(missing):  # the sweep's own lock is held now; a write is begun and never finished
+    final = stats.path(cache_key({**base, "kind": "gram"}))
+    (final.parent / f".{final.name}.tmp-killed").write_bytes(b"half a file")
+    Path(holding).write_text(f"{final}\\n{stats.root / (cache_key(base) + '.lock')}")
+    time.sleep(600)
+
+stats.get_or_compute(base, frozenset({"gram"}), compute)
+"""
+
+
+def test_a_job_killed_while_holding_the_statistics_lock_blocks_no_one(cluster, tmp_path):
+    """A SLURM job SIGKILLed (scancel --signal=KILL) while it holds a statistics lock: the lock dies
+    with it, the sweep after it computes and caches the statistics itself and reads no partial file."""
+    env = {**cluster, "LRC_CACHE_DIR": str(tmp_path / "cache")}
+    script, holding = tmp_path / "holder.py", tmp_path / "holding"
+    script.write_text(HOLDER)
+    overrides = " ".join(a for a in TINY if not a.startswith("launcher="))
+    command = f"{sys.executable} {script} {REPO / 'conf'} {tmp_path / 'cache'} {holding} {overrides}"
+    submitted = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-c", "1", f"--chdir={REPO}",
+                                f"--output={tmp_path}/holder.log", "--wrap", command],
+                               env=env, capture_output=True, text=True, check=True)
+    job = submitted.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 120
+    while not holding.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert holding.exists(), (tmp_path / "holder.log").read_text() if (tmp_path / "holder.log").exists() else job
+    final, lock = holding.read_text().splitlines()
+    from filelock import FileLock, Timeout
+
+    with pytest.raises(Timeout):  # the holder really holds the lock the sweep will need
+        FileLock(lock).acquire(timeout=0)
+    subprocess.run(["scancel", "--signal=KILL", job], env=env, check=True)
+    for _ in range(60):  # until SLURM has it ended
+        state = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], env=env, capture_output=True,
+                               text=True).stdout.strip()
+        if state and state not in ("RUNNING", "PENDING"):
+            break
+        time.sleep(1)
+    assert state.startswith(("CANCELLED", "FAILED")), state
+    start = time.monotonic()
+    proc = sweep(env, tmp_path / "sweep", "allocator=uniform")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [record] = [read_record(p) for p in (tmp_path / "sweep").glob("*/result.json")]
+    assert record["status"] == "done" and record["diagnostics"]["statistics_computed"] == ["gram"]
+    assert f"computed gram, cached at {final}" in job_logs(tmp_path / "sweep")  # the very file the holder began
+    assert list((tmp_path / "cache" / "stats").glob(".*.tmp-killed"))  # the killed job's half-written file was
+    # there all along under a temporary name; the run read only the complete file it wrote itself
+    print(f"killed lock holder: job {job} {state}; the next sweep computed gram itself in "
+          f"{time.monotonic() - start:.0f} s")
