@@ -40,11 +40,11 @@ def cluster():
     subprocess.run([sys.executable, str(SCRIPT), "stop"], timeout=120)
 
 
-def sweep(env, sweep_dir, *args, background=False):
+def sweep(env, sweep_dir, *args, background=False, timeout=600):
     cmd = [sys.executable, "-m", "lrc.run", "-m", *TINY, *args, f"hydra.sweep.dir={sweep_dir}"]
     if background:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def job_logs(sweep_dir: Path) -> str:
@@ -164,7 +164,7 @@ def test_job_past_its_time_limit_is_requeued_until_its_search_is_done(cluster, t
     attempt gets less done and the test can need more requeues (about 2.5 minutes each)."""
     env = {**cluster, "LRC_CACHE_DIR": str(tmp_path / "cache")}
     proc = sweep(env, tmp_path / "sweep", "allocator=bayes", "trials=120", "hydra.launcher.timeout_min=1",
-                 "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=8")
+                 "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=8", timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [path] = (tmp_path / "sweep").glob("*/result.json")
     record = read_record(path)
