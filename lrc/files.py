@@ -35,16 +35,20 @@ def atomic_path(path: Path) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
         os.close(fd)
     except OSError as exc:
-        raise DataError(f"cannot write {path}: {exc.strerror or exc} (a full disk or a folder not writable?)") from None
+        raise _unwritable(path, exc) from None
     try:
         yield Path(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise DataError(f"cannot write {path}: {exc.strerror or exc} (a full disk or a folder not writable?)") from None
+        raise _unwritable(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _unwritable(path: Path, exc: OSError) -> DataError:
+    return DataError(f"cannot write {path}: {exc.strerror or exc} (a full disk or a folder not writable?)")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -129,9 +129,8 @@ def block_visitor(loaded: LoadedModel, task: Task, spec: RunSpec, windows: torch
                   watch: Stopwatch) -> BlockVisitor:
     """How the stage visits blocks: all at once, or one at a time on the device (layer-wise)."""
     settings = spec.settings
-    source = StatisticsSource(windows, spec.calibration.batch_size, spec.method.kinds,
-                              StatisticsCache(settings.cache_dir),
-                              {"model": loaded.identity, "calibration": spec.calibration.describe()})
+    source = StatisticsSource.of(loaded, spec.calibration, windows, spec.method.kinds,
+                                 StatisticsCache(settings.cache_dir))
     if not settings.layerwise.enabled:
         return WholeModel(task.model, task.targets, source, watch)
     placement = Placement(settings.device or loaded.device, loaded.blocks, settings.layerwise.compressed_inputs,

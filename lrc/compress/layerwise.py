@@ -78,7 +78,6 @@ class Layerwise:
 
     def __init__(self, model: nn.Module, targets: list[TargetLinear], source: StatisticsSource,
                  placement: Placement, watch: Stopwatch) -> None:
-        check_layerwise(source.kinds)
         self.model, self.source, self.placement, self.watch = model, source, placement, watch
         self.counter = VisitCounter()
         self._moved_before = placement.home.seconds

@@ -54,6 +54,13 @@ class StatisticsSource:
     cache: StatisticsCache
     base: dict[str, Any]
 
+    @classmethod
+    def of(cls, loaded: LoadedModel, calibration: Calibration, windows: torch.Tensor, kinds: frozenset[str],
+           cache: StatisticsCache) -> StatisticsSource:
+        """The statistics of ``calibration`` on ``loaded``, keyed by the model and the calibration set."""
+        base = {"model": loaded.identity, "calibration": calibration.describe()}
+        return cls(windows, calibration.batch_size, kinds, cache, base)
+
 
 class VisitCounter:
     """Which statistics kinds came from the cache and which were computed, over every visit."""
@@ -152,8 +159,7 @@ def calibration_statistics(loaded: LoadedModel, targets: list[TargetLinear], cal
                            ) -> tuple[dict[str, InputStatistics], frozenset[str]]:
     """Every block's statistics of ``kinds`` as a whole-model run gets them (same cache entries),
     for notebooks and benchmarks: (statistics, the kinds that came from the cache)."""
-    source = StatisticsSource(windows, calibration.batch_size, kinds, cache,
-                              {"model": loaded.identity, "calibration": calibration.describe()})
+    source = StatisticsSource.of(loaded, calibration, windows, kinds, cache)
     visitor = WholeModel(loaded.model, targets, source, Stopwatch())
     stats = next(visitor.visits(None)).stats
     return stats, frozenset(kinds) - frozenset(visitor.counter.computed)
