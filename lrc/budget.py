@@ -44,6 +44,13 @@ def is_low_rank(shape: Shape, rank: int) -> bool:
     return rank * (m + n) < m * n
 
 
+def max_low_rank(shape: Shape) -> int:
+    """The largest rank whose factors are smaller than the dense matrix (at least 1): no plan
+    ever factorizes above it, so decompositions need no more columns."""
+    m, n = shape
+    return max(1, (m * n - 1) // (m + n))
+
+
 def uniform_rank(shape: Shape, ratio: float) -> int:
     """r = floor((1 - R) m n / (m + n)), the closed form of uniform allocation (at least 1)."""
     m, n = shape

@@ -232,10 +232,10 @@ class FailingFactorizer(SVDLLM):
         super().__init__()
         self.fail_at = fail_at
 
-    def decompose(self, weight, stats=None):
+    def decompose(self, weight, stats=None, max_rank=None):
         if weight is self.fail_at:
             raise ConfigError("injected failure")
-        return super().decompose(weight, stats)
+        return super().decompose(weight, stats, max_rank)
 
 
 class RecordingHome(ResidentBlocks):

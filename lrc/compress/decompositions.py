@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lrc.factorizers.base import Decomposition
 from lrc.files import cache_key, load_checked, save_checked
-
-TENSORS = ("left", "right", "spectrum", "offset")
 
 
 class DecompositionCache:
@@ -32,23 +33,49 @@ class DecompositionCache:
 
     def key(self, statistics: Mapping[str, Any], factorizer: Mapping[str, Any], name: str) -> str:
         return cache_key({"statistics": dict(statistics), "factorizer": dict(factorizer), "matrix": name,
-                          "protocol": 1})
+                          "protocol": 2})
 
     def get_or_compute(self, statistics: Mapping[str, Any], factorizer: Mapping[str, Any], name: str,
                        compute: Callable[[], Decomposition]) -> Decomposition:
         key = self.key(statistics, factorizer, name)
         path = self.root / f"{key}.safetensors"
         found = load_checked(path, key)
-        if found is not None:
-            tensors, meta = found
+        if found is not None and (dec := from_parts(*found)) is not None:
             self.reused += 1
-            return Decomposition(diagnostics=json.loads(meta.get("diagnostics", "{}")),
-                                 **{k: tensors[k] for k in TENSORS if k in tensors})
+            return dec
         dec = compute()
-        tensors = {k: getattr(dec, k).detach().cpu() for k in TENSORS if getattr(dec, k) is not None}
-        save_checked(path, key, tensors, {"diagnostics": json.dumps(dec.diagnostics, default=float)})
+        save_checked(path, key, *to_parts(dec))
         self.computed += 1
         return dec
 
     def report(self) -> dict[str, int]:
         return {"decompositions_reused": self.reused, "decompositions_computed": self.computed}
+
+
+def to_parts(dec: Decomposition) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every field of ``dec`` (a Decomposition or a subclass such as ResSVD's): tensors, and the
+    rest as JSON in the metadata with the class name."""
+    tensors, plain = {}, {}
+    for f in fields(dec):
+        value = getattr(dec, f.name)
+        if isinstance(value, torch.Tensor):
+            tensors[f.name] = value.detach().cpu()
+        elif value is not None:
+            plain[f.name] = value
+    return tensors, {"class": type(dec).__name__, "fields": json.dumps(plain, default=float)}
+
+
+def from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Decomposition | None:
+    """The decomposition :func:`to_parts` wrote (None: a class this version does not know)."""
+    cls = _decomposition_classes().get(meta.get("class", ""))
+    return None if cls is None else cls(**tensors, **json.loads(meta.get("fields", "{}")))
+
+
+def _decomposition_classes() -> dict[str, type[Decomposition]]:
+    """Decomposition and every subclass defined so far (the factorizer that wrote one is loaded)."""
+    found, todo = {}, [Decomposition]
+    while todo:
+        cls = todo.pop()
+        found[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return found

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lrc.allocators.base import AllocationContext, Allocator, MatrixInfo
-from lrc.budget import Budget, check_plan
+from lrc.budget import Budget, check_plan, max_low_rank
 from lrc.compress.decompositions import DecompositionCache
 from lrc.compress.scoring import PlanScorer, ScoreMemo
 from lrc.compress.swap import apply_plan
@@ -150,7 +150,7 @@ def compress(task: Task, method: Method, visitor: BlockVisitor, scoring: Scoring
 @dataclass(frozen=True)
 class Decomposer:
     """Decomposes the targets of a visit with the factorizer, through the decomposition cache
-    when there is one."""
+    when there is one; each only up to the largest rank a plan can factorize it to."""
 
     factorizer: Factorizer
     stored: DecompositionCache | None = None
@@ -161,10 +161,11 @@ class Decomposer:
 
         def decompose(name: str) -> Decomposition:
             weight, stats = task.model.get_submodule(name).weight, for_target(visit.stats, by_name[name])
+            max_rank = max_low_rank(by_name[name].shape)
             if self.stored is None:
-                return self.factorizer.decompose(weight, stats)
+                return self.factorizer.decompose(weight, stats, max_rank)
             return self.stored.get_or_compute(visit.key, self.factorizer.describe(), name,
-                                              lambda: self.factorizer.decompose(weight, stats))
+                                              lambda: self.factorizer.decompose(weight, stats, max_rank))
 
         return decompose
 

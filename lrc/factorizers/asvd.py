@@ -11,21 +11,21 @@ from __future__ import annotations
 import torch
 
 from lrc.errors import ConfigError
-from lrc.factorizers.base import Decomposition, Factorizer, projection_decomposition, require
+from lrc.factorizers.base import Decomposition, Factorizer, require
 from lrc.stats.types import InputStatistics
 
 
 class ASVD(Factorizer):
     needs = frozenset({"mean_abs"})
 
-    def __init__(self, alpha: float = 0.5, compute_dtype: str = "float64") -> None:
-        super().__init__(compute_dtype)
+    def __init__(self, alpha: float = 0.5, compute_dtype: str = "float64", route: str = "eigh") -> None:
+        super().__init__(compute_dtype, route)
         if not isinstance(alpha, (int, float)) or not alpha >= 0:
             raise ConfigError(f"alpha={alpha!r} must be a number >= 0 (ASVD's exponent; paper: 0.5)")
         self.alpha = float(alpha)
 
-    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None) -> Decomposition:
+    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None,
+                  max_rank: int | None = None) -> Decomposition:
         W = weight.detach().to(self.compute_dtype)
         scale = require(stats, "mean_abs", W.shape[1], "asvd").to(W).clamp(min=0) ** self.alpha
-        U, sigma, _ = torch.linalg.svd(W * scale, full_matrices=False)
-        return projection_decomposition(W, U, sigma, {"alpha": self.alpha})
+        return self.projection(W * scale, W, max_rank, {"alpha": self.alpha})

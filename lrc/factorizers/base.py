@@ -4,6 +4,11 @@ A factorizer never sees the model: it gets one weight W (m x n, out x in) and th
 statistics of that weight's input, and returns a :class:`Decomposition` that can be
 truncated to any rank cheaply and exposes the spectrum it truncates in its own loss
 metric (so every allocator works with every factorizer).
+
+Every factorizer takes ``compute_dtype`` (float64 | float32: the precision of its
+decomposition; statistics-side factorizations such as the whitening Cholesky stay float64)
+and ``route`` (eigh | svd: how the decomposition is computed, see
+:mod:`lrc.factorizers.spectral`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from lrc.errors import ConfigError
+from lrc.factorizers.spectral import check_route, left_singular
 from lrc.stats.types import InputStatistics
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -36,16 +42,20 @@ class Decomposition:
 
     @property
     def max_rank(self) -> int:
-        return self.spectrum.numel()
+        """The largest rank whose factors this decomposition holds (its spectrum may be longer)."""
+        return self.left.shape[1]
 
     def factors(self, rank: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """B (m x rank) and A (rank x n) with B A the rank-``rank`` truncation."""
-        if not 1 <= rank <= self.max_rank:
-            raise ConfigError(f"rank={rank} is outside [1, {self.max_rank}] for a {self.shape} matrix")
+        self.check_rank(rank)
         B, A = self.left[:, :rank], self.right[:rank]
         if dtype is not None:
             B, A = B.to(dtype), A.to(dtype)
         return B.contiguous(), A.contiguous()
+
+    def check_rank(self, rank: int) -> None:
+        if not 1 <= rank <= self.max_rank:
+            raise ConfigError(f"rank={rank} is outside [1, {self.max_rank}] for a {self.shape} matrix")
 
     def bias_correction(self, rank: int) -> torch.Tensor | None:
         """(I - U_r U_rᵀ) E[W x]: added to the bias so the output mean is kept (orthonormal ``left``)."""
@@ -83,14 +93,27 @@ class Factorizer(ABC):
 
     needs: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, compute_dtype: str = "float64") -> None:
+    def __init__(self, compute_dtype: str = "float64", route: str = "eigh") -> None:
         if compute_dtype not in DTYPES:
             raise ConfigError(f"compute_dtype={compute_dtype!r} is not one of {sorted(DTYPES)}")
         self.compute_dtype = DTYPES[compute_dtype]
+        self.route = check_route(route)
 
     @abstractmethod
-    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None) -> Decomposition:
-        """Decompose ``weight`` (m x n) once; truncate later with ``Decomposition.factors``."""
+    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None,
+                  max_rank: int | None = None) -> Decomposition:
+        """Decompose ``weight`` (m x n) once; truncate later with ``Decomposition.factors``.
+
+        ``max_rank``: the largest rank the factors will be asked for (None: every rank up to
+        min(m, n)); the spectrum is always complete.
+        """
+
+    def projection(self, scaled: torch.Tensor, weight: torch.Tensor, max_rank: int | None,
+                   diagnostics: dict[str, Any] | None = None) -> Decomposition:
+        """W onto the left singular vectors of its input-scaled form ``scaled`` = W S (see
+        :func:`projection_decomposition`), computed by this factorizer's route."""
+        basis, spectrum = left_singular(scaled, self.route, max_rank)
+        return projection_decomposition(weight, basis, spectrum, diagnostics)
 
     def added_params(self, shape: tuple[int, int], has_bias: bool) -> int:
         """Parameters a factorized ``shape`` matrix stores beyond its two factors (counted in the budget)."""
@@ -104,7 +127,7 @@ class Factorizer(ABC):
 
 def projection_decomposition(weight: torch.Tensor, basis: torch.Tensor, spectrum: torch.Tensor,
                              diagnostics: dict[str, Any] | None = None) -> Decomposition:
-    """W_r = U_r U_rᵀ W for an orthonormal output basis U (m x k): left = U, right = Uᵀ W.
+    """W_r = U_r U_rᵀ W for an orthonormal output basis U (m x r <= k): left = U, right = Uᵀ W.
 
     Plain SVD, ASVD and SVD-LLM all truncate this way (U = left singular vectors of W S
     for their input scaling S); writing it as a projection needs no S^-1, so an

@@ -8,6 +8,10 @@ preserved. The loss is E||(I - U_r U_rᵀ)(y - E y)||², the sum of discarded ei
 For a linear layer y = W x + b the output statistics follow exactly from the input's:
 C_y = W C_x Wᵀ and E[y] = W E[x] + b. So one input covariance per shared input (q/k/v,
 gate/up) serves every linear reading it, instead of an m x m matrix per linear.
+With a square root R Rᵀ = C_x (from the eigendecomposition of C_x, negative round-off
+eigenvalues clamped to zero; float64, shared by the linears of one input), U and the spectrum
+are the left singular vectors and singular values of W R, computed by the factorizer's route
+(the eigh route takes the smaller side: C_y itself when m <= n, Rᵀ Wᵀ W R when m > n).
 ``pooled`` (the paper's) uses the pooled covariance over ``groups`` contiguous groups of
 calibration tokens (the mean of per-group sample covariances); ``pooled: false`` uses the
 plain sample covariance.
@@ -19,12 +23,14 @@ import torch
 
 from lrc.errors import ConfigError
 from lrc.factorizers.base import Decomposition, Factorizer, require
+from lrc.factorizers.spectral import left_singular
 from lrc.stats.types import InputStatistics
 
 
 class FeaturePCA(Factorizer):
-    def __init__(self, pooled: bool = True, groups: int = 32, compute_dtype: str = "float64") -> None:
-        super().__init__(compute_dtype)
+    def __init__(self, pooled: bool = True, groups: int = 32, compute_dtype: str = "float64",
+                 route: str = "eigh") -> None:
+        super().__init__(compute_dtype, route)
         if not isinstance(groups, int) or groups < 1:
             raise ConfigError(f"groups={groups!r} must be a positive integer")
         self.pooled, self.groups = bool(pooled), groups
@@ -44,14 +50,19 @@ class FeaturePCA(Factorizer):
         t = max(stats.tokens, 2)
         return (gram - t * torch.outer(mean, mean)) / (t - 1)
 
-    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None) -> Decomposition:
+    def covariance_root(self, stats: InputStatistics, W: torch.Tensor) -> torch.Tensor:
+        """R with R Rᵀ = C_x (in W's dtype), computed once per input through ``stats.derived``."""
+        key = f"covariance_root:{self.pooled}:{self.groups}:{W.dtype}:{W.device}"
+        if key not in stats.derived:
+            Cx = self.input_covariance(stats, W.shape[1]).to(device=W.device, dtype=torch.float64)
+            evals, Q = torch.linalg.eigh((Cx + Cx.T) / 2)
+            stats.derived[key] = (Q * evals.clamp(min=0).sqrt()).to(W.dtype)
+        return stats.derived[key]
+
+    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None,
+                  max_rank: int | None = None) -> Decomposition:
         W = weight.detach().to(self.compute_dtype)
-        m, n = W.shape
-        Cx = self.input_covariance(stats, n).to(W)
-        Cy = W @ Cx @ W.T
-        evals, U = torch.linalg.eigh((Cy + Cy.T) / 2)
-        k = min(m, n)
-        evals, U = evals.flip(0)[:k].clamp(min=0), U.flip(1)[:, :k]
-        mean_out = W @ require(stats, "mean", n, "feature_pca").to(W)
-        return Decomposition(left=U, right=U.T @ W, spectrum=evals.sqrt(), offset=mean_out,
+        mean_out = W @ require(stats, "mean", W.shape[1], "feature_pca").to(W)
+        U, sigma = left_singular(W @ self.covariance_root(stats, W), self.route, max_rank)
+        return Decomposition(left=U, right=U.T @ W, spectrum=sigma, offset=mean_out,
                              diagnostics={"pooled": self.pooled})

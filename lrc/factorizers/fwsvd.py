@@ -12,19 +12,21 @@ import torch
 
 from lrc.errors import ConfigError
 from lrc.factorizers.base import Decomposition, Factorizer, require
+from lrc.factorizers.spectral import left_singular
 from lrc.stats.types import InputStatistics
 
 
 class FWSVD(Factorizer):
     needs = frozenset({"fisher"})
 
-    def __init__(self, floor: float = 1e-6, compute_dtype: str = "float64") -> None:
-        super().__init__(compute_dtype)
+    def __init__(self, floor: float = 1e-6, compute_dtype: str = "float64", route: str = "eigh") -> None:
+        super().__init__(compute_dtype, route)
         if not isinstance(floor, (int, float)) or not 0 < floor < 1:
             raise ConfigError(f"floor={floor!r} must be in (0, 1) (relative to the largest row importance)")
         self.floor = float(floor)
 
-    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None) -> Decomposition:
+    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None,
+                  max_rank: int | None = None) -> Decomposition:
         W = weight.detach().to(self.compute_dtype)
         fisher = require(stats, "fisher", W.shape[0], "fwsvd").to(W).clamp(min=0)
         importance = fisher.sqrt()
@@ -34,6 +36,6 @@ class FWSVD(Factorizer):
         else:
             clamped = int((importance < self.floor * top).sum())
             importance = importance.clamp(min=self.floor * top)
-        U, sigma, _ = torch.linalg.svd(importance[:, None] * W, full_matrices=False)
+        U, sigma = left_singular(importance[:, None] * W, self.route, max_rank)
         return Decomposition(left=U / importance[:, None], right=U.T @ (importance[:, None] * W), spectrum=sigma,
                              diagnostics={"clamped_rows": clamped})

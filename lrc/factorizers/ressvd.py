@@ -18,6 +18,7 @@ import torch
 
 from lrc.errors import ConfigError
 from lrc.factorizers.base import Decomposition, Factorizer
+from lrc.factorizers.spectral import left_singular
 from lrc.factorizers.svdllm import SVDLLM
 from lrc.stats.types import InputStatistics
 
@@ -32,19 +33,21 @@ class ResidualDecomposition(Decomposition):
     stage1_scale: torch.Tensor | None = None  # S of stage 1 (None: plain)
     stage2_scale: torch.Tensor | None = None  # S of stage 2 (None: plain)
     residual_rank: int = 0
+    route: str = "eigh"
 
     def split(self, rank: int) -> tuple[int, int]:
         r2 = min(self.residual_rank, rank - 1)
         return rank - r2, r2
 
     def factors(self, rank: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_rank(rank)
         B1, A1 = super().factors(self.split(rank)[0])
         r2 = self.split(rank)[1]
         B, A = B1, A1
         if r2 > 0:
             residual = self.weight - B1 @ A1
             scaled = residual if self.stage2_scale is None else residual @ self.stage2_scale
-            U2 = torch.linalg.svd(scaled, full_matrices=False)[0][:, :r2]
+            U2 = left_singular(scaled, self.route, r2)[0]
             B, A = torch.cat([B1, U2], 1), torch.cat([A1, U2.T @ residual], 0)
         if dtype is not None:
             B, A = B.to(dtype), A.to(dtype)
@@ -61,8 +64,9 @@ class ResidualDecomposition(Decomposition):
 
 class ResSVD(Factorizer):
     def __init__(self, beta: float = 0.05, stage1: str = "whitened", stage2: str = "plain",
-                 whitening: str = "cholesky", damping: float = 0.0, compute_dtype: str = "float64") -> None:
-        super().__init__(compute_dtype)
+                 whitening: str = "cholesky", damping: float = 0.0, compute_dtype: str = "float64",
+                 route: str = "eigh") -> None:
+        super().__init__(compute_dtype, route)
         if not isinstance(beta, (int, float)) or not 0 <= beta < 1:
             raise ConfigError(f"beta={beta!r} must be in [0, 1) (ResSVD's residual rank fraction; paper: 0.05)")
         for key, value in (("stage1", stage1), ("stage2", stage2)):
@@ -75,12 +79,14 @@ class ResSVD(Factorizer):
     def needs(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset({"gram"}) if "whitened" in (self.stage1, self.stage2) else frozenset()
 
-    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None) -> Decomposition:
+    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None,
+                  max_rank: int | None = None) -> Decomposition:
         W = weight.detach().to(self.compute_dtype)
         m, n = W.shape
         S, diagnostics = (self.whitener.shared_whitening(stats, W) if self.needs else (None, {}))
         S1 = S if self.stage1 == "whitened" else None
-        U, sigma, _ = torch.linalg.svd(W if S1 is None else W @ S1, full_matrices=False)
+        U, sigma = left_singular(W if S1 is None else W @ S1, self.route, max_rank)
         return ResidualDecomposition(
             left=U, right=U.T @ W, spectrum=sigma, diagnostics=dict(diagnostics), weight=W, stage1_scale=S1,
-            stage2_scale=S if self.stage2 == "whitened" else None, residual_rank=round(self.beta * m * n / (m + n)))
+            stage2_scale=S if self.stage2 == "whitened" else None, residual_rank=round(self.beta * m * n / (m + n)),
+            route=self.route)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lrc.factorizers.base import Decomposition, Factorizer, projection_decomposition
+from lrc.factorizers.base import Decomposition, Factorizer
 from lrc.stats.types import InputStatistics
 
 
@@ -13,7 +13,7 @@ class PlainSVD(Factorizer):
 
     needs = frozenset()
 
-    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None) -> Decomposition:
+    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None,
+                  max_rank: int | None = None) -> Decomposition:
         W = weight.detach().to(self.compute_dtype)
-        U, S, _ = torch.linalg.svd(W, full_matrices=False)
-        return projection_decomposition(W, U, S)
+        return self.projection(W, W, max_rank)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from lrc.errors import ConfigError, NumericalError
-from lrc.factorizers.base import Decomposition, Factorizer, projection_decomposition, require_gram
+from lrc.factorizers.base import Decomposition, Factorizer, require_gram
 from lrc.stats.types import InputStatistics
 
 ROUTES = ("cholesky", "eigh")
@@ -37,8 +37,8 @@ class SVDLLM(Factorizer):
     needs = frozenset({"gram"})
 
     def __init__(self, whitening: str = "cholesky", damping: float = 0.0, first_damping: float = 1e-10,
-                 max_damping: float = 1.0, compute_dtype: str = "float64") -> None:
-        super().__init__(compute_dtype)
+                 max_damping: float = 1.0, compute_dtype: str = "float64", route: str = "eigh") -> None:
+        super().__init__(compute_dtype, route)
         if whitening not in ROUTES:
             raise ConfigError(f"whitening={whitening!r} is not one of {ROUTES}")
         for key, value in (("damping", damping), ("first_damping", first_damping), ("max_damping", max_damping)):
@@ -49,18 +49,20 @@ class SVDLLM(Factorizer):
         self.whitening, self.damping = whitening, float(damping)
         self.first_damping, self.max_damping = float(first_damping), float(max_damping)
 
-    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None) -> Decomposition:
+    def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None,
+                  max_rank: int | None = None) -> Decomposition:
         W = weight.detach().to(self.compute_dtype)
         S, diagnostics = self.shared_whitening(stats, W)
-        U, sigma, _ = torch.linalg.svd(W @ S, full_matrices=False)
-        return projection_decomposition(W, U, sigma, dict(diagnostics))
+        return self.projection(W @ S, W, max_rank, dict(diagnostics))
 
     def shared_whitening(self, stats: InputStatistics | None, W: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """S for this input, computed once and shared by q/k/v (gate/up) through ``stats.derived``."""
+        """S for this input (in W's dtype), computed once and shared by q/k/v (gate/up) through
+        ``stats.derived``. The factorization of G is always float64, as the damping rules need."""
         G = require_gram(stats, W.shape[1], "whitening")
-        key = f"whitening:{self.whitening}:{self.damping}:{self.first_damping}:{self.compute_dtype}:{W.device}"
+        key = f"whitening:{self.whitening}:{self.damping}:{self.first_damping}:{W.dtype}:{W.device}"
         if key not in stats.derived:
-            stats.derived[key] = self.whitening_factor(G.to(device=W.device, dtype=self.compute_dtype))
+            S, diagnostics = self.whitening_factor(G.to(device=W.device, dtype=torch.float64))
+            stats.derived[key] = S.to(W.dtype), diagnostics
         return stats.derived[key]
 
     def whitening_factor(self, G: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
