@@ -4,6 +4,7 @@ score memo (no model evaluation), and the result equals an uninterrupted search'
 import copy
 
 import pytest
+import torch
 from conftest import spec
 
 from lrc import pipeline
@@ -14,6 +15,8 @@ from lrc.compress.scoring import PlanScorer
 from lrc.data.sources import EmbeddedText
 from lrc.data.windows import Calibration
 from lrc.errors import LrcError
+from lrc.factorizers.feature_pca import FeaturePCA
+from lrc.factorizers.ressvd import ResSVD
 from lrc.factorizers.svdllm import SVDLLM
 from lrc.model.loading import LoadedModel
 
@@ -116,3 +119,24 @@ def test_decompositions_kept_on_disk_serve_the_next_run_exactly(tiny, tmp_path):
     assert "decompositions_reused" not in fresh.diagnostics
     layer = run(0.4, tmp_path / "a", True, layerwise=True)  # per-block statistics keys: its own entries
     assert layer.diagnostics["decompositions_computed"] == low_rank and layer.metrics == pytest.approx(fresh.metrics)
+
+
+@pytest.mark.parametrize("make", [lambda: ResSVD(beta=0.2), lambda: FeaturePCA(pooled=False), lambda: SVDLLM()])
+def test_a_decomposition_read_back_from_disk_truncates_exactly_as_computed(make, tmp_path, rng):
+    """Every kind of decomposition (ResSVD's residual stage, Bolaco's bias offset) comes back whole."""
+    from lrc.compress.decompositions import DecompositionCache
+    from tests.test_factorizers import correlated_inputs, stats_of
+
+    W = torch.randn(20, 28, generator=rng, dtype=torch.float64)
+    stats = stats_of(correlated_inputs(28, 200, rng))
+    factorizer = make()
+    written = DecompositionCache(tmp_path).get_or_compute({"k": 1}, factorizer.describe(), "w",
+                                                         lambda: factorizer.decompose(W, stats, max_rank=9))
+    cache = DecompositionCache(tmp_path)
+    read = cache.get_or_compute({"k": 1}, factorizer.describe(), "w", lambda: pytest.fail("recomputed"))
+    assert cache.reused == 1 and type(read) is type(written) and read.max_rank == 9
+    for rank in (3, 9):
+        for got, want in zip(read.factors(rank), written.factors(rank), strict=True):
+            assert torch.equal(got, want)
+        assert read.truncation_error(rank) == written.truncation_error(rank)
+        assert (read.bias_correction(rank) is None) == (written.bias_correction(rank) is None)
