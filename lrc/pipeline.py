@@ -34,6 +34,7 @@ from lrc.model.loading import LoadedModel
 from lrc.resources import Stopwatch
 from lrc.results.outcome import Outcome, Tables
 from lrc.stats.cache import StatisticsCache
+from lrc.stats.storage import StatisticsStorage
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ log = logging.getLogger(__name__)
 class Settings:
     """How a run works (not what it computes): where caches live, the work device (None: where
     the model is), layer-wise mode, whether to time a plain calibration forward, the run
-    folder (a search keeps its record there; None: nowhere) and whether decompositions are
-    cached on disk (:mod:`lrc.compress.decompositions`)."""
+    folder (a search keeps its record there; None: nowhere), whether decompositions are
+    cached on disk (:mod:`lrc.compress.decompositions`) and how calibration statistics are
+    stored (:mod:`lrc.stats.storage`; their precision is part of every cache key)."""
 
     cache_dir: Path
     device: torch.device | None = None
@@ -51,6 +53,7 @@ class Settings:
     measure_forward: bool = True
     run_dir: Path | None = None
     decomposition_cache: bool = False
+    statistics: StatisticsStorage = field(default_factory=StatisticsStorage)
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ def calibration_windows(loaded: LoadedModel, spec: RunSpec) -> tuple[torch.Tenso
         return windows, None
     held_out = calibration.validation_windows(loaded.tokenizer, validation.nsamples, validation.seqlen)
     identity = {"model": loaded.identity, "calibration": calibration.describe(),
-                "factorizer": spec.method.factorizer.describe(),
+                "factorizer": spec.method.factorizer.describe(), "statistics": spec.settings.statistics.tag,
                 "compressed_inputs": spec.settings.layerwise.compressed_inputs, "protocol": 2}
     memo = ScoreMemo(Path(spec.settings.cache_dir) / "scores" / ScoreMemo.key(identity, held_out))
     return windows, Scoring(held_out, memo, spec.settings.run_dir)
@@ -130,7 +133,7 @@ def block_visitor(loaded: LoadedModel, task: Task, spec: RunSpec, windows: torch
     """How the stage visits blocks: all at once, or one at a time on the device (layer-wise)."""
     settings = spec.settings
     source = StatisticsSource.of(loaded, spec.calibration, windows, spec.method.kinds,
-                                 StatisticsCache(settings.cache_dir))
+                                 StatisticsCache(settings.cache_dir, settings.statistics))
     if not settings.layerwise.enabled:
         return WholeModel(task.model, task.targets, source, watch)
     placement = Placement(settings.device or loaded.device, loaded.blocks, settings.layerwise.compressed_inputs,

@@ -18,7 +18,7 @@ RANKS = [
     {"compress", "eval", "results"},
     {"model", "data", "stats"},
     # stats.types: the plain statistic dataclass every stage and the factorizers read (torch only)
-    {"allocators", "factorizers", "stats.types", "budget", "files", "errors", "paths", "resources", "__init__"},
+    {"allocators", "factorizers", "stats.types", "budget", "gram", "files", "errors", "paths", "resources", "__init__"},
 ]
 HYDRA_ALLOWED = {"run", "sweep", "config"}
 

@@ -148,3 +148,39 @@ def test_bad_route_is_a_clear_error():
     with pytest.raises(ConfigError, match="route='qr'"):
         SVDLLM(route="qr")
 
+
+
+def test_fallback_keeps_float32_where_it_is_exact_enough_and_recomputes_elsewhere(rng):
+    flat = matrix("random", 60, 90, rng).float()  # flat spectrum: float32 resolves every tail
+    U, sigma = left_singular(flat, "eigh", columns=20, fallback=True)
+    assert U.dtype == sigma.dtype == torch.float32
+    steep = matrix("ill_conditioned", 60, 90, rng)  # tails far below float32's resolution
+    U, sigma = left_singular(steep.float(), "eigh", columns=20, fallback=True)
+    assert U.dtype == sigma.dtype == torch.float64
+    U_ref, sigma_ref = left_singular(steep.float().double(), "eigh", columns=20)
+    assert torch.equal(sigma, sigma_ref) and torch.equal(U, U_ref)
+    plain32 = left_singular(steep.float(), "eigh", columns=20)[0]
+    assert plain32.dtype == torch.float32  # without fallback: what was asked for
+
+
+@pytest.mark.parametrize("name", FACTORIZERS)
+@pytest.mark.parametrize("case", ["random", "ill_conditioned"])
+def test_every_factorizer_with_auto_precision_matches_float64(name, case, rng):
+    """compute_dtype=auto: float32 where resolved, float64 elsewhere; the truncation is float64's.
+
+    A model's weights are float32: both decompose the same float32 W. Working in float32 rounds
+    W S once (error eps32 |W S|), so the loss may move by its first-order effect,
+    2 sqrt(loss x energy) eps32, and no more."""
+    W = matrix(case, 24, 36, rng).float()
+    X = correlated_inputs(36, 300, rng)
+    cls, options = FACTORIZERS[name]
+    auto = cls(**options, compute_dtype="auto").decompose(W, stats_of(X, 24), max_rank=10)
+    exact = cls(**options).decompose(W, stats_of(X, 24), max_rank=10)
+    energy = loss(name, W.double(), torch.zeros(24, 36, dtype=torch.float64), X)
+    for rank in (3, 10):
+        B, A = auto.factors(rank)
+        assert torch.isfinite(B).all() and torch.isfinite(A).all()
+        Be, Ae = exact.factors(rank)
+        want = loss(name, W.double(), Be @ Ae, X)
+        got = loss(name, W.double(), B.double() @ A.double(), X)
+        assert got == pytest.approx(want, rel=1e-4, abs=10 * EPS[torch.float32] * (want * energy) ** 0.5)

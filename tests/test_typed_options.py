@@ -23,6 +23,9 @@ TINY = ["model=tiny-random", "logger=none"]
     (["benchmark.perplexity.embedded.max_windows=all"], "max_windows='all' is not an integer or null"),
     (["ratio=abc"], "config: ratio='abc' is not a number"),
     (["save=maybe"], "config: save='maybe' is not true or false"),
+    (["statistics.write=sometimes"], "statistics: write='sometimes' is not true or false"),
+    (["statistics.precision=float16"], "statistics.precision='float16' is not one of"),
+    (["factorizer.route=qr"], "route='qr' is not one of"),
 ])
 def test_wrong_type_names_the_key_and_the_type(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -73,3 +76,14 @@ def test_records_of_moved_modules_still_match_and_rebuild():
         "calibration": {"source": {"_target_": "lrc.data.sources.EmbeddedText", "split": "calibration"}},
         "logger": {"_target_": "lrc.results.tracking.WandbTracker"}, "ratio": 0.2}
     assert from_record(old).calibration.source._target_ == "lrc.data.sources.EmbeddedText"
+
+
+def test_records_from_before_an_option_existed_rebuild_what_they_ran():
+    """Exporting an old record rebuilds its model: float64 statistics and the SVD route, as it ran then."""
+    from lrc.config.build import from_record
+
+    old = from_record({"factorizer": {"_target_": "lrc.factorizers.svdllm.SVDLLM"}, "ratio": 0.2})
+    assert old.statistics.precision == "float64" and old.factorizer.route == "svd"
+    new = from_record({"factorizer": {"_target_": "lrc.factorizers.svdllm.SVDLLM", "route": "eigh"},
+                       "statistics": {"precision": "float32", "write": True}, "ratio": 0.2})
+    assert new.statistics.precision == "float32" and new.factorizer.route == "eigh"

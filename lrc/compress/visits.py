@@ -57,8 +57,9 @@ class StatisticsSource:
     @classmethod
     def of(cls, loaded: LoadedModel, calibration: Calibration, windows: torch.Tensor, kinds: frozenset[str],
            cache: StatisticsCache) -> StatisticsSource:
-        """The statistics of ``calibration`` on ``loaded``, keyed by the model and the calibration set."""
-        base = {"model": loaded.identity, "calibration": calibration.describe()}
+        """The statistics of ``calibration`` on ``loaded``, keyed by the model, the calibration set
+        and how statistics are stored."""
+        base = {"model": loaded.identity, "calibration": calibration.describe(), "storage": cache.storage.tag}
         return cls(windows, calibration.batch_size, kinds, cache, base)
 
 

@@ -33,6 +33,7 @@ from lrc.eval.zeroshot import ZeroShotBenchmark
 from lrc.model.loading import LoadedModel, resolve_device
 from lrc.paths import cache_root
 from lrc.pipeline import RunSpec, Settings
+from lrc.stats.storage import StatisticsStorage
 
 log = logging.getLogger("lrc")
 
@@ -104,6 +105,10 @@ def layerwise_options(cfg: DictConfig) -> LayerwiseOptions:
     return construct(LayerwiseOptions, plain(cfg.get("layerwise") or {}), "layerwise")
 
 
+def statistics_storage(cfg: DictConfig) -> StatisticsStorage:
+    return construct(StatisticsStorage, plain(cfg.get("statistics") or {}), "statistics")
+
+
 def build_allocator(node: DictConfig) -> Allocator:
     """The allocator of ``node``; a non-empty ``keep_dense`` wraps it in :class:`KeepDense`."""
     spec = plain(node)
@@ -160,7 +165,8 @@ def run_spec(cfg: DictConfig, benchmarks: bool = True, run_dir: Path | None = No
     method = Method(factorizer=factorizer, allocator=build_allocator(cfg.allocator))
     settings = Settings(cache_dir=cache_root(cfg.cache_dir), device=resolve_device(cfg.device),
                         layerwise=layerwise_options(cfg), measure_forward=bool(cfg.measure_forward and benchmarks),
-                        run_dir=run_dir, decomposition_cache=bool(cfg.get("decomposition_cache", False)))
+                        run_dir=run_dir, decomposition_cache=bool(cfg.get("decomposition_cache", False)),
+                        statistics=statistics_storage(cfg))
     return RunSpec(method=method, ratio=check_ratio(cfg.ratio), calibration=build_calibration(cfg),
                    benchmarks=build_benchmarks(cfg) if benchmarks else [], settings=settings)
 
@@ -199,6 +205,14 @@ def _moved(target: Any) -> Any:
     return target
 
 
+# What a run recorded before an option existed ran with (so exporting it rebuilds its model).
+RECORD_DEFAULTS = {"statistics": {"precision": "float64"}}
+FACTORIZER_RECORD_DEFAULTS = {"route": "svd"}
+
+
 def from_record(config: Mapping[str, Any]) -> DictConfig:
     """The config a run recorded (``result.json``'s ``config``), ready for :func:`run_spec`."""
-    return OmegaConf.create(current_targets(dict(config)))
+    config = {**RECORD_DEFAULTS, **current_targets(dict(config))}
+    if isinstance(config.get("factorizer"), dict):
+        config["factorizer"] = {**FACTORIZER_RECORD_DEFAULTS, **config["factorizer"]}
+    return OmegaConf.create(config)

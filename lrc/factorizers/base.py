@@ -5,8 +5,9 @@ statistics of that weight's input, and returns a :class:`Decomposition` that can
 truncated to any rank cheaply and exposes the spectrum it truncates in its own loss
 metric (so every allocator works with every factorizer).
 
-Every factorizer takes ``compute_dtype`` (float64 | float32: the precision of its
-decomposition; statistics-side factorizations such as the whitening Cholesky stay float64)
+Every factorizer takes ``compute_dtype`` (float64 | float32 | auto: the precision of its
+decomposition, auto being float32 where that is exact enough and float64 elsewhere;
+statistics-side factorizations such as the whitening Cholesky stay float64)
 and ``route`` (eigh | svd: how the decomposition is computed, see
 :mod:`lrc.factorizers.spectral`).
 """
@@ -23,7 +24,9 @@ from lrc.errors import ConfigError
 from lrc.factorizers.spectral import check_route, left_singular
 from lrc.stats.types import InputStatistics
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# compute_dtype -> the dtype a factorizer works in; "auto" works in float32 and decomposes again
+# in float64 the matrices whose float32 spectrum is not exact enough (lrc.factorizers.spectral)
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "auto": torch.float32}
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Factorizer(ABC):
         if compute_dtype not in DTYPES:
             raise ConfigError(f"compute_dtype={compute_dtype!r} is not one of {sorted(DTYPES)}")
         self.compute_dtype = DTYPES[compute_dtype]
+        self.fallback = compute_dtype == "auto"  # float64 where float32 is not exact enough
         self.route = check_route(route)
 
     @abstractmethod
@@ -112,7 +116,7 @@ class Factorizer(ABC):
                    diagnostics: dict[str, Any] | None = None) -> Decomposition:
         """W onto the left singular vectors of its input-scaled form ``scaled`` = W S (see
         :func:`projection_decomposition`), computed by this factorizer's route."""
-        basis, spectrum = left_singular(scaled, self.route, max_rank)
+        basis, spectrum = left_singular(scaled, self.route, max_rank, self.fallback)
         return projection_decomposition(weight, basis, spectrum, diagnostics)
 
     def added_params(self, shape: tuple[int, int], has_bias: bool) -> int:

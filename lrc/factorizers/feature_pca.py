@@ -63,6 +63,7 @@ class FeaturePCA(Factorizer):
                   max_rank: int | None = None) -> Decomposition:
         W = weight.detach().to(self.compute_dtype)
         mean_out = W @ require(stats, "mean", W.shape[1], "feature_pca").to(W)
-        U, sigma = left_singular(W @ self.covariance_root(stats, W), self.route, max_rank)
+        U, sigma = left_singular(W @ self.covariance_root(stats, W), self.route, max_rank, self.fallback)
+        W, mean_out = W.to(U.dtype), mean_out.to(U.dtype)  # float64 where auto fell back
         return Decomposition(left=U, right=U.T @ W, spectrum=sigma, offset=mean_out,
                              diagnostics={"pooled": self.pooled})

@@ -36,6 +36,7 @@ class FWSVD(Factorizer):
         else:
             clamped = int((importance < self.floor * top).sum())
             importance = importance.clamp(min=self.floor * top)
-        U, sigma = left_singular(importance[:, None] * W, self.route, max_rank)
+        U, sigma = left_singular(importance[:, None] * W, self.route, max_rank, self.fallback)
+        importance, W = importance.to(U.dtype), W.to(U.dtype)  # float64 where auto fell back
         return Decomposition(left=U / importance[:, None], right=U.T @ (importance[:, None] * W), spectrum=sigma,
                              diagnostics={"clamped_rows": clamped})

@@ -34,6 +34,7 @@ class ResidualDecomposition(Decomposition):
     stage2_scale: torch.Tensor | None = None  # S of stage 2 (None: plain)
     residual_rank: int = 0
     route: str = "eigh"
+    fallback: bool = False
 
     def split(self, rank: int) -> tuple[int, int]:
         r2 = min(self.residual_rank, rank - 1)
@@ -47,7 +48,7 @@ class ResidualDecomposition(Decomposition):
         if r2 > 0:
             residual = self.weight - B1 @ A1
             scaled = residual if self.stage2_scale is None else residual @ self.stage2_scale
-            U2 = left_singular(scaled, self.route, r2)[0]
+            U2 = left_singular(scaled, self.route, r2, self.fallback)[0].to(residual.dtype)
             B, A = torch.cat([B1, U2], 1), torch.cat([A1, U2.T @ residual], 0)
         if dtype is not None:
             B, A = B.to(dtype), A.to(dtype)
@@ -85,8 +86,10 @@ class ResSVD(Factorizer):
         m, n = W.shape
         S, diagnostics = (self.whitener.shared_whitening(stats, W) if self.needs else (None, {}))
         S1 = S if self.stage1 == "whitened" else None
-        U, sigma = left_singular(W if S1 is None else W @ S1, self.route, max_rank)
+        U, sigma = left_singular(W if S1 is None else W @ S1, self.route, max_rank, self.fallback)
+        W = W.to(U.dtype)  # float64 where auto fell back
+        S, S1 = (None if t is None else t.to(U.dtype) for t in (S, S1))
         return ResidualDecomposition(
             left=U, right=U.T @ W, spectrum=sigma, diagnostics=dict(diagnostics), weight=W, stage1_scale=S1,
             stage2_scale=S if self.stage2 == "whitened" else None, residual_rank=round(self.beta * m * n / (m + n)),
-            route=self.route)
+            route=self.route, fallback=self.fallback)

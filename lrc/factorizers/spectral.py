@@ -21,6 +21,14 @@ directions, sum_{i > r} σ_i², changes by about k x eps x σ_1² at most, and t
 subspace is accurate to eps x σ_1² / (σ_r² - σ_{r+1}²) (Davis-Kahan), whose effect on the
 loss is second order. ``tests/test_spectral.py`` checks both routes agree to these bounds
 on random, tall, wide, ill-conditioned and rank-deficient matrices.
+
+``fallback`` (a factorizer's ``compute_dtype: auto``): a float32 M is decomposed in float32
+where that is exact enough and again in float64 where it is not. The test is the bound above:
+float32 is kept when k x eps32 x σ_1² is at most ``FLOAT32_MARGIN`` (1%) of the smallest tail
+energy a plan can leave, sum_{i > columns} σ_i². Measured on SmolLM2's 210 whitened weights:
+every matrix that passes has the truncation loss of float64 to 6e-6 relative (152 pass);
+those that fail were off by up to 5% in float32 (the first block's attention, whose
+spectrum falls steeply).
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ from __future__ import annotations
 import torch
 
 from lrc.errors import ConfigError
+from lrc.gram import upper_gram
 
 ROUTES = ("eigh", "svd")
+FLOAT32_MARGIN = 1e-2
 
 
 def check_route(route: str) -> str:
@@ -38,21 +48,41 @@ def check_route(route: str) -> str:
     return route
 
 
-def left_singular(M: torch.Tensor, route: str = "eigh", columns: int | None = None
+def left_singular(M: torch.Tensor, route: str = "eigh", columns: int | None = None, fallback: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(U[..., :, :columns], σ) of M (..., m x n): orthonormal left singular vectors for the
     ``columns`` largest singular values (None: all k = min(m, n)) and all k singular values,
-    descending. Batched over leading dimensions (matrices of one shape in one call)."""
+    descending. Batched over leading dimensions (matrices of one shape in one call).
+    ``fallback``: a float32 M whose float32 spectrum is not resolved well enough for a
+    truncation to at most ``columns`` is decomposed again in float64 (float64 U and σ)."""
     m, n = M.shape[-2:]
     k = min(m, n)
     columns = k if columns is None else max(1, min(columns, k))
+    found = _left_singular(M, route, columns)
+    if fallback and M.dtype == torch.float32 and route == "eigh" and not resolved(found[1], columns):
+        return _left_singular(M.double(), route, columns)
+    return found
+
+
+def resolved(sigma: torch.Tensor, columns: int) -> bool:
+    """Whether float32's error bound k eps σ_1² is within FLOAT32_MARGIN of every tail energy a
+    truncation to at most ``columns`` leaves (the smallest: sum_{i > columns} σ_i²)."""
+    energy = sigma.double() ** 2
+    k = energy.shape[-1]
+    bound = k * torch.finfo(torch.float32).eps * energy[..., 0]
+    tail = energy[..., min(columns, k - 1):].sum(-1)
+    return bool((bound <= FLOAT32_MARGIN * tail).all())
+
+
+def _left_singular(M: torch.Tensor, route: str, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m, n = M.shape[-2:]
     if route == "svd":
         U, sigma, _ = torch.linalg.svd(M, full_matrices=False)
         return U[..., :columns], sigma
     if m <= n:
-        evals, U = torch.linalg.eigh(M @ M.mT)
+        evals, U = torch.linalg.eigh(upper_gram(M.mT), UPLO="U")
         return U.flip(-1)[..., :columns], _singular_values(evals)
-    evals, V = torch.linalg.eigh(M.mT @ M)
+    evals, V = torch.linalg.eigh(upper_gram(M), UPLO="U")
     Q, R = torch.linalg.qr(M @ V.flip(-1)[..., :columns])
     signs = torch.where(torch.diagonal(R, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(Q.dtype)
     return Q * signs.unsqueeze(-2), _singular_values(evals)

@@ -13,6 +13,7 @@ from lrc.errors import DataError
 from lrc.files import cache_key, load_checked, save_checked
 from lrc.model.adapters import TargetLinear
 from lrc.stats.kinds import kind_field
+from lrc.stats.storage import StatisticsStorage
 from lrc.stats.types import InputStatistics
 
 log = logging.getLogger(__name__)
@@ -28,12 +29,15 @@ class StatisticsCache:
     """Calibration statistics, one safetensors file per statistics kind.
 
     A run that needs kinds A and B reuses A computed by an earlier run and computes only B.
-    Tensors are named ``<entry>/<field>``; the metadata holds the key and token counts, and a
-    file whose key or contents do not check out is ignored (and recomputed), never half-read.
+    Tensors are stored as ``storage`` says (:mod:`lrc.stats.storage`); the metadata holds the
+    key and token counts, and a file whose key or contents do not check out is ignored (and
+    recomputed), never half-read. Statistics a run computes are rounded through the stored form
+    even when ``storage.write`` is off, so caching never changes a result.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, storage: StatisticsStorage | None = None) -> None:
         self.root = Path(root) / "stats"
+        self.storage = storage or StatisticsStorage()
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
@@ -65,21 +69,19 @@ class StatisticsCache:
             return None
         tensors, meta = found
         try:
-            tokens = json.loads(meta["tokens"])
-        except (KeyError, json.JSONDecodeError) as exc:
+            return self.storage.unpack(tensors, json.loads(meta["tokens"]))
+        except (KeyError, ValueError) as exc:
             log.warning("ignoring unreadable statistics cache %s: %s", self.path(key), exc)
             return None
-        stats = {entry: InputStatistics(tokens=t) for entry, t in tokens.items()}
-        for name, tensor in tensors.items():
-            entry, _, field_name = name.rpartition("/")
-            setattr(stats[entry], field_name, tensor)
-        return stats
 
-    def save(self, key: str, stats: dict[str, InputStatistics]) -> Path:
-        tensors = {f"{entry}/{f}": getattr(s, f) for entry, s in stats.items()
-                   for f in InputStatistics.TENSOR_FIELDS if getattr(s, f) is not None}
-        tokens = json.dumps({entry: s.tokens for entry, s in stats.items()})
-        return save_checked(self.path(key), key, tensors, {"tokens": tokens})
+    def keep(self, key: str, stats: dict[str, InputStatistics]) -> dict[str, InputStatistics]:
+        """``stats`` in their stored form (written to the cache unless ``storage.write`` is off),
+        as a later run reads them back."""
+        tokens = {entry: s.tokens for entry, s in stats.items()}
+        tensors = self.storage.pack(stats)
+        if self.storage.write:
+            save_checked(self.path(key), key, tensors, {"tokens": json.dumps(tokens)})
+        return self.storage.unpack(tensors, tokens)
 
     def has(self, base: dict[str, Any], kinds: frozenset[str]) -> bool:
         """Whether a file exists for every kind (its contents are checked when loaded)."""
@@ -97,7 +99,11 @@ class StatisticsCache:
         keys = {kind: cache_key({**base, "kind": kind}) for kind in sorted(kinds)}
         parts = {kind: self.load(key) for kind, key in keys.items()}
         missing = frozenset(kind for kind, part in parts.items() if part is None)
-        if missing:
+        if missing and not self.storage.write:
+            fresh = compute(missing)
+            parts.update({kind: self.keep(keys[kind], _only(fresh, kind_field(kind))) for kind in missing})
+            info("statistics: computed %s (not written: statistics.write=false)", ", ".join(sorted(missing)))
+        elif missing:
             # One job computes, concurrent jobs (a SLURM sweep) wait on the lock and then load it.
             with self.lock(cache_key(base)):
                 parts.update({kind: self.load(keys[kind]) for kind in missing})
@@ -105,8 +111,7 @@ class StatisticsCache:
                 if missing:
                     fresh = compute(missing)
                     for kind in missing:
-                        parts[kind] = _only(fresh, kind_field(kind))
-                        self.save(keys[kind], parts[kind])
+                        parts[kind] = self.keep(keys[kind], _only(fresh, kind_field(kind)))
                         info("statistics: computed %s, cached at %s", kind, self.path(keys[kind]))
         cached = frozenset(kinds) - missing
         if cached:

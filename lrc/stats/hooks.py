@@ -10,33 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrc.errors import ConfigError
+from lrc.gram import add_gram, symmetric
 from lrc.model.adapters import TargetLinear, architecture_for, decoder_blocks
 from lrc.stats.kinds import COSINE, FISHER, POOLED, parse_kind
 from lrc.stats.types import InputStatistics
-
-# Width of the row strips a Gram is computed in (only the upper triangle, strip by strip: about
-# half the FLOPs). Measured on this project's 2-core CPU (benchmarks/compression_floor.py;
-# 2048 tokens): 256-wide strips make x^T x 2.2x faster at n=576, 1.6x at 1536, 1.8x at 4096.
-# GPUs run one large GEMM near peak, so there strips only start beyond 4096 columns.
-GRAM_STRIP = {"cpu": 256, "cuda": 4096}
-
-
-def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """``acc += xᵀx`` in float64 from float32 products, computing only the upper triangle in row
-    strips (wider inputs); the lower triangle is then stale: :func:`symmetric` completes it."""
-    n = x.shape[1]
-    strip = GRAM_STRIP.get(x.device.type)
-    if strip is None or n <= 2 * strip:
-        acc += (x.T @ x).double()
-        return
-    for i in range(0, n, strip):
-        acc[i:i + strip, i:] += (x[:, i:i + strip].T @ x[:, i:]).double()
-
-
-def symmetric(acc: torch.Tensor) -> torch.Tensor:
-    """The full symmetric matrix from an accumulator whose upper triangle is exact."""
-    return torch.triu(acc) + torch.triu(acc, 1).T
-
 
 class InputAccumulator:
     """Forward pre-hook accumulating the requested statistics of one linear input."""

@@ -1,0 +1,90 @@
+"""How calibration statistics are kept on disk: compact, and exactly what every run uses.
+
+A Gram matrix (or pooled covariance) is symmetric, so only its upper triangle is stored, in
+``precision`` (float32 by default: with the triangle, a quarter of the float64 matrix's
+bytes). Statistics are accumulated in float64 and handed to the factorizers in float64; the
+run that computes them rounds them through the stored form first, so a run that computes
+statistics and a run that reads them back compute exactly the same model. Vectors (means,
+row importances, cosines) are small and stay float64.
+
+What a run writes per calibration set (n: input width; Llama-style blocks have four shared
+inputs, widths h, h, h and the MLP's i): ``blocks x (3 h(h+1)/2 + i(i+1)/2) x bytes``. With
+float32: SmolLM2-135M 201 MB, Llama-2-7B 11.0 GB, Llama-2-70B 164 GB (float64 full matrices:
+805 MB, 44 GB, 655 GB; ``benchmarks/compression_floor.py`` prints them). ``write=False`` computes statistics in memory and writes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lrc.errors import ConfigError
+from lrc.stats.types import InputStatistics
+
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+SYMMETRIC = frozenset({"gram", "pooled_cov"})
+TRIANGLE = ":triu"  # suffix of a stored upper triangle's tensor name
+
+
+@dataclass(frozen=True)
+class StatisticsStorage:
+    """``precision`` of stored symmetric matrices; ``write``: whether computed statistics are
+    written to the cache for later runs (False: a one-off run, nothing written)."""
+
+    precision: str = "float32"
+    write: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"statistics.precision={self.precision!r} is not one of {sorted(PRECISIONS)}")
+
+    @property
+    def tag(self) -> str:
+        """What identifies the stored form in cache keys (statistics stored differently differ)."""
+        return f"triu-{self.precision}"
+
+    def pack(self, stats: dict[str, InputStatistics]) -> dict[str, torch.Tensor]:
+        """The tensors to store: ``<entry>/<field>``, symmetric fields as ``<entry>/<field>:triu``."""
+        tensors = {}
+        for entry, s in stats.items():
+            for name in InputStatistics.TENSOR_FIELDS:
+                value = getattr(s, name)
+                if value is None:
+                    continue
+                if name in SYMMETRIC:
+                    rows, cols = torch.triu_indices(*value.shape, device=value.device)
+                    tensors[f"{entry}/{name}{TRIANGLE}"] = value[rows, cols].to(PRECISIONS[self.precision]).cpu()
+                else:
+                    tensors[f"{entry}/{name}"] = value.cpu()
+        return tensors
+
+    @staticmethod
+    def unpack(tensors: dict[str, torch.Tensor], tokens: dict[str, int]) -> dict[str, InputStatistics]:
+        """The statistics :meth:`pack` stored (float64, symmetric matrices whole again)."""
+        stats = {entry: InputStatistics(tokens=t) for entry, t in tokens.items()}
+        for name, tensor in tensors.items():
+            entry, _, field_name = name.rpartition("/")
+            if field_name.endswith(TRIANGLE):
+                field_name, tensor = field_name.removesuffix(TRIANGLE), from_triangle(tensor)
+            setattr(stats[entry], field_name, tensor)
+        return stats
+
+
+def from_triangle(triangle: torch.Tensor) -> torch.Tensor:
+    """The float64 symmetric n x n matrix whose upper triangle (row by row) is ``triangle``."""
+    n = (math.isqrt(8 * triangle.numel() + 1) - 1) // 2
+    if n * (n + 1) // 2 != triangle.numel():
+        raise ValueError(f"{triangle.numel()} values are not the upper triangle of a square matrix")
+    rows, cols = torch.triu_indices(n, n)
+    full = torch.zeros(n, n, dtype=torch.float64)
+    full[rows, cols] = triangle.to(torch.float64)
+    full[cols, rows] = triangle.to(torch.float64)
+    return full
+
+
+def stored_bytes(widths: list[int], blocks: int, precision: str = "float32") -> int:
+    """Bytes of the Gram statistics of ``blocks`` blocks whose shared inputs have ``widths``."""
+    size = PRECISIONS[precision].itemsize
+    return blocks * sum(n * (n + 1) // 2 for n in widths) * size
