@@ -15,6 +15,7 @@ from lrc.model.adapters import TargetLinear, architecture_for, decoder_blocks
 from lrc.stats.kinds import COSINE, FISHER, POOLED, parse_kind
 from lrc.stats.types import InputStatistics
 
+
 class InputAccumulator:
     """Forward pre-hook accumulating the requested statistics of one linear input."""
 

@@ -10,7 +10,8 @@ row importances, cosines) are small and stay float64.
 What a run writes per calibration set (n: input width; Llama-style blocks have four shared
 inputs, widths h, h, h and the MLP's i): ``blocks x (3 h(h+1)/2 + i(i+1)/2) x bytes``. With
 float32: SmolLM2-135M 201 MB, Llama-2-7B 11.0 GB, Llama-2-70B 164 GB (float64 full matrices:
-805 MB, 44 GB, 655 GB; ``benchmarks/compression_floor.py`` prints them). ``write=False`` computes statistics in memory and writes nothing.
+805 MB, 44 GB, 655 GB; ``benchmarks/compression_floor.py`` prints them). ``write=False``
+computes statistics in memory and writes nothing.
 """
 
 from __future__ import annotations
