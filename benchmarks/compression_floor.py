@@ -55,6 +55,7 @@ from lrc.model.blocks import ResidentBlocks
 from lrc.model.loading import from_gguf_package, resolve_device
 from lrc.pipeline import RunSpec, Settings, compress_and_evaluate, model_size
 from lrc.resources import peak_device_bytes, peak_host_bytes, reset_peak_device, reset_peak_host
+from lrc.stats.storage import stored_bytes
 
 GiB = 2**30
 STAGES = [("load", "load_s"), ("plain forward", "calibration_forward_s"), ("statistics", "calibration_s"),
@@ -245,7 +246,13 @@ def main() -> None:
           f"the linear layers' forward FLOPs ({linear_flops / 1e12:.3f} T)")
     print(f"statistics floor = forward {forward:.1f} s + Grams {gram_flops / rate:.1f} s = {stats_floor:.1f} s; "
           f"statistics {timings['calibration_s']:.1f} s = {timings['calibration_s'] / stats_floor:.2f} x floor")
-    print(f"statistics cache on disk: {stats_bytes / 1e6:.1f} MB")
+    print(f"statistics cache on disk: {stats_bytes / 1e6:.1f} MB ({len(widths)} inputs' Grams, "
+          f"widths {sorted(set(widths.values()))})")
+    for label, widths_of, blocks in (("Llama-2-7B", [4096] * 3 + [11008], 32),
+                                     ("Llama-2-70B", [8192] * 3 + [28672], 80)):
+        full = blocks * sum(n * n for n in widths_of) * 8
+        print(f"  a {label} run's Gram statistics: {stored_bytes(widths_of, blocks, 'float32') / 1e9:.1f} GB as "
+              f"float32 triangles ({full / 1e9:.0f} GB as float64 matrices)")
 
     rows = factorization_rows(args, device, runs, routes, factorized, timings["calibration_s"], stats_floor,
                               run_floor)
