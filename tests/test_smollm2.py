@@ -56,3 +56,27 @@ def test_smollm2_shapes_and_known_ordering(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == whitened.params["model_after"]
     raw = (path / "model.safetensors").read_bytes()
     assert len(raw) - 8 - struct.unpack("<Q", raw[:8])[0] == whitened.params["model_bytes_after"]
+
+
+def test_eigh_route_and_auto_precision_on_real_whitened_weights():
+    """SmolLM2's own whitened weights (first block: the steepest spectra; a middle one): the
+    eigh route gives the SVD's spectrum and truncation, and compute_dtype=auto its truncation loss."""
+    from lrc.budget import max_low_rank, uniform_rank
+    from lrc.stats.collect import collect_statistics, for_target
+
+    loaded = load()
+    targets = [t for t in find_targets(loaded.model) if t.block in (0, 15)]
+    windows = Calibration(EmbeddedText("calibration"), nsamples=8, seqlen=256).windows(loaded.tokenizer)
+    stats = collect_statistics(loaded.model, targets, windows, {"gram"})
+    for t in targets:
+        W = loaded.model.get_submodule(t.name).weight.detach()
+        s = for_target(stats, t)
+        rank, top = uniform_rank(t.shape, 0.2), max_low_rank(t.shape)
+        svd = SVDLLM(route="svd").decompose(W, s, top)
+        eigh = SVDLLM().decompose(W, s, top)
+        auto = SVDLLM(compute_dtype="auto").decompose(W, s, top)
+        k, scale = min(t.shape), float(svd.spectrum[0]) ** 2
+        assert float((eigh.spectrum ** 2 - svd.spectrum ** 2).abs().max()) <= 50 * k * 2.2e-16 * scale, t.name
+        reference = svd.truncation_error(rank)
+        assert eigh.truncation_error(rank) == pytest.approx(reference, rel=1e-9, abs=50 * k * 2.2e-16 * scale)
+        assert auto.truncation_error(rank) == pytest.approx(reference, rel=1e-4), t.name

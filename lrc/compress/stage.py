@@ -134,14 +134,19 @@ def compress(task: Task, method: Method, visitor: BlockVisitor, scoring: Scoring
         plan = allocate(task, method.allocator, survey, scorer, scoring.state_dir if scoring is not None else None)
     if visitor.refreshes_statistics:
         survey.decompositions.clear()  # the statistics of the compressed model differ
-    errors, damping = factorize_blocks(task, decomposer, visitor, plan, survey.decompositions, watch)
+    errors, notes = factorize_blocks(task, decomposer, visitor, plan, survey.decompositions, watch)
     survey.decompositions.clear()
+    damping = {name: note["damping"] for name, note in notes.items() if note.get("damping")}
+    fallbacks = sorted(name for name, note in notes.items() if note.get("float64_fallback"))
     if damping:
         log.warning("whitening needed damping for %d matrices (max %.3g x mean diag)", len(damping),
                     max(damping.values()))
     watch.timings.update(visitor.timings())
     diagnostics = {**visitor.report(), **(stored.report() if stored is not None else {}),
                    "truncation_error": errors, "damping": damping}
+    if method.factorizer.fallback:  # compute_dtype=auto: which matrices needed float64
+        diagnostics["float64_fallback"] = fallbacks
+        log.info("compute_dtype=auto: %d of %d matrices decomposed again in float64", len(fallbacks), len(notes))
     if method.allocator.report:
         diagnostics["allocation"] = method.allocator.report
     return Compression(plan, diagnostics, scorer.trials if scorer is not None else [])
@@ -217,15 +222,15 @@ def allocate(task: Task, allocator: Allocator, survey: Survey, scorer: PlanScore
 
 def factorize_blocks(task: Task, decomposer: Decomposer, visitor: BlockVisitor, plan: Mapping[str, int],
                      decompositions: dict[str, Decomposition], watch: Stopwatch
-                     ) -> tuple[dict[str, float], dict[str, float]]:
+                     ) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
     """Swap every planned matrix for its low-rank layer, block by block as the visitor goes;
-    returns per-matrix truncation errors and whitening dampings."""
+    returns per-matrix truncation errors and factorizer diagnostics."""
     errors: dict[str, float] = {}
-    damping: dict[str, float] = {}
+    notes: dict[str, dict[str, Any]] = {}
     with closing(visitor.visits(plan)) as visits:  # a failure mid-pass returns the visited block at once
         for visit in visits:
             with watch("factorization_s"):
-                e, d = apply_plan(task.model, visit.targets, plan, decomposer.for_visit(task, visit), decompositions)
+                e, n = apply_plan(task.model, visit.targets, plan, decomposer.for_visit(task, visit), decompositions)
             errors.update(e)
-            damping.update(d)
-    return errors, damping
+            notes.update(n)
+    return errors, notes

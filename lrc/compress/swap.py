@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -29,23 +30,23 @@ def low_rank_layer(dense: nn.Linear, dec: Decomposition, rank: int) -> LowRankLi
 
 def apply_plan(model: nn.Module, targets: list[TargetLinear], plan: Mapping[str, int],
                decompose: Callable[[str], Decomposition], decompositions: dict[str, Decomposition]
-               ) -> tuple[dict[str, float], dict[str, float]]:
+               ) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
     """Swap every target whose planned rank saves parameters for a LowRankLinear.
 
     Uses (and frees) a decomposition from ``decompositions`` when one was computed already,
-    else decomposes on the spot. Returns per-matrix truncation errors and whitening dampings.
+    else decomposes on the spot. Returns per-matrix truncation errors and the factorizer's
+    diagnostics (whitening damping, precision fallbacks, ...).
     """
-    errors, damping = {}, {}
+    errors, notes = {}, {}
     for t in tqdm(targets, desc="factorize", leave=False, disable=None):
         rank = plan[t.name]
         if not is_low_rank(t.shape, rank):
             continue  # kept dense: factors would not be smaller
         dec = decompositions.pop(t.name, None) or decompose(t.name)
         errors[t.name] = dec.truncation_error(rank)
-        if dec.diagnostics.get("damping"):
-            damping[t.name] = dec.diagnostics["damping"]
+        notes[t.name] = dec.diagnostics
         replace_module(model, t.name, low_rank_layer(model.get_submodule(t.name), dec, rank))
-    return errors, damping
+    return errors, notes
 
 
 @contextmanager

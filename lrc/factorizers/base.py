@@ -117,7 +117,14 @@ class Factorizer(ABC):
         """W onto the left singular vectors of its input-scaled form ``scaled`` = W S (see
         :func:`projection_decomposition`), computed by this factorizer's route."""
         basis, spectrum = left_singular(scaled, self.route, max_rank, self.fallback)
-        return projection_decomposition(weight, basis, spectrum, diagnostics)
+        return projection_decomposition(weight, basis, spectrum, self.noted(diagnostics, basis))
+
+    def noted(self, diagnostics: dict[str, Any] | None, basis: torch.Tensor) -> dict[str, Any]:
+        """``diagnostics``, plus whether compute_dtype=auto fell back to float64 for this matrix."""
+        diagnostics = dict(diagnostics or {})
+        if self.fallback:
+            diagnostics["float64_fallback"] = basis.dtype == torch.float64
+        return diagnostics
 
     def added_params(self, shape: tuple[int, int], has_bias: bool) -> int:
         """Parameters a factorized ``shape`` matrix stores beyond its two factors (counted in the budget)."""

@@ -66,4 +66,4 @@ class FeaturePCA(Factorizer):
         U, sigma = left_singular(W @ self.covariance_root(stats, W), self.route, max_rank, self.fallback)
         W, mean_out = W.to(U.dtype), mean_out.to(U.dtype)  # float64 where auto fell back
         return Decomposition(left=U, right=U.T @ W, spectrum=sigma, offset=mean_out,
-                             diagnostics={"pooled": self.pooled})
+                             diagnostics=self.noted({"pooled": self.pooled}, U))

@@ -39,4 +39,4 @@ class FWSVD(Factorizer):
         U, sigma = left_singular(importance[:, None] * W, self.route, max_rank, self.fallback)
         importance, W = importance.to(U.dtype), W.to(U.dtype)  # float64 where auto fell back
         return Decomposition(left=U / importance[:, None], right=U.T @ (importance[:, None] * W), spectrum=sigma,
-                             diagnostics={"clamped_rows": clamped})
+                             diagnostics=self.noted({"clamped_rows": clamped}, U))

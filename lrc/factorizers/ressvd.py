@@ -90,6 +90,6 @@ class ResSVD(Factorizer):
         W = W.to(U.dtype)  # float64 where auto fell back
         S, S1 = (None if t is None else t.to(U.dtype) for t in (S, S1))
         return ResidualDecomposition(
-            left=U, right=U.T @ W, spectrum=sigma, diagnostics=dict(diagnostics), weight=W, stage1_scale=S1,
+            left=U, right=U.T @ W, spectrum=sigma, diagnostics=self.noted(diagnostics, U), weight=W, stage1_scale=S1,
             stage2_scale=S if self.stage2 == "whitened" else None, residual_rank=round(self.beta * m * n / (m + n)),
             route=self.route, fallback=self.fallback)

@@ -73,17 +73,19 @@ class SVDLLM(Factorizer):
         n = G.shape[0]
         if scale <= 0.0:  # the input never fired: no data direction to prefer
             return torch.eye(n, dtype=G.dtype, device=G.device), {"whitening": "identity", "damping": None}
-        eye = torch.eye(n, dtype=G.dtype, device=G.device)
         if self.whitening == "eigh":
             evals, Q = torch.linalg.eigh(G)
             floor = self.damping * scale
             clamped = int((evals < floor).sum())
             S = Q * evals.clamp(min=floor).sqrt()
             return S, {"whitening": "eigh", "damping": self.damping, "clamped_eigenvalues": clamped}
-        damping = self.damping
+        damping, damped, diagonal = self.damping, None, torch.diagonal(G)
         while True:
-            L, info = torch.linalg.cholesky_ex(G + damping * scale * eye if damping else G)
-            if int(info) == 0 and torch.isfinite(L).all():
+            if damping:  # G + damping x scale x I, its diagonal set in place on one copy
+                damped = G.clone() if damped is None else damped
+                torch.diagonal(damped).copy_(diagonal + damping * scale)
+            L, info = torch.linalg.cholesky_ex(damped if damping else G)
+            if int(info) == 0:  # G is finite (checked above), so a successful L is too
                 return L, {"whitening": "cholesky", "damping": damping}
             if damping >= self.max_damping:
                 raise NumericalError(

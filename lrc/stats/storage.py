@@ -27,6 +27,7 @@ from lrc.stats.types import InputStatistics
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 SYMMETRIC = frozenset({"gram", "pooled_cov"})
 TRIANGLE = ":triu"  # suffix of a stored upper triangle's tensor name
+MIRROR_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,7 @@ class StatisticsStorage:
                 if value is None:
                     continue
                 if name in SYMMETRIC:
-                    rows, cols = torch.triu_indices(*value.shape, device=value.device)
-                    tensors[f"{entry}/{name}{TRIANGLE}"] = value[rows, cols].to(PRECISIONS[self.precision]).cpu()
+                    tensors[f"{entry}/{name}{TRIANGLE}"] = to_triangle(value.cpu(), PRECISIONS[self.precision])
                 else:
                     tensors[f"{entry}/{name}"] = value.cpu()
         return tensors
@@ -73,15 +73,32 @@ class StatisticsStorage:
         return stats
 
 
+def to_triangle(matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The upper triangle of ``matrix``, row by row, in ``dtype`` (row slices: no index tensors)."""
+    n = matrix.shape[0]
+    out = torch.empty(n * (n + 1) // 2, dtype=dtype)
+    start = 0
+    for i in range(n):
+        out[start:start + n - i] = matrix[i, i:]
+        start += n - i
+    return out
+
+
 def from_triangle(triangle: torch.Tensor) -> torch.Tensor:
     """The float64 symmetric n x n matrix whose upper triangle (row by row) is ``triangle``."""
     n = (math.isqrt(8 * triangle.numel() + 1) - 1) // 2
     if n * (n + 1) // 2 != triangle.numel():
         raise ValueError(f"{triangle.numel()} values are not the upper triangle of a square matrix")
-    rows, cols = torch.triu_indices(n, n)
-    full = torch.zeros(n, n, dtype=torch.float64)
-    full[rows, cols] = triangle.to(torch.float64)
-    full[cols, rows] = triangle.to(torch.float64)
+    full = torch.empty(n, n, dtype=torch.float64)
+    start = 0
+    for i in range(n):
+        full[i, i:] = triangle[start:start + n - i]
+        start += n - i
+    for i in range(0, n, MIRROR_BLOCK):  # the lower triangle, one cache-sized block column at a time
+        j = i + MIRROR_BLOCK
+        full[j:, i:j] = full[i:j, j:].T
+        block = full[i:j, i:j]
+        block.copy_(torch.triu(block) + torch.triu(block, 1).T)
     return full
 
 
