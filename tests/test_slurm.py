@@ -234,9 +234,9 @@ with initialize_config_dir(config_dir=conf, version_base="1.3"):
     cfg = compose(config_name="config", overrides=overrides)
 spec = run_spec(cfg)
 loaded, _ = load_model(cfg, spec)
-base = statistics_key({"model": loaded.identity, "calibration": spec.calibration.describe()},
-                      find_targets(loaded.model), mode="whole-model")
-stats = StatisticsCache(Path(cache))
+stats = StatisticsCache(Path(cache), spec.settings.statistics)
+base = statistics_key({"model": loaded.identity, "calibration": spec.calibration.describe(),
+                       "storage": stats.storage.tag}, find_targets(loaded.model), mode="whole-model")
 
 def compute(missing):  # the sweep's own lock is held now; a write is begun and never finished
     final = stats.path(cache_key({**base, "kind": "gram"}))
