@@ -122,14 +122,25 @@ class Signals:
     folder (statistics, scored plans and dense metrics come back from the caches).
     """
 
+    # After SIGTERM, Cancelled is raised again every REPEAT_S seconds until the run catches it:
+    # the first raise can land in code that swallows exceptions (a Cython callback inside scipy
+    # printed "Exception ignored" and the search went on until SLURM killed it, unrecorded).
+    REPEAT_S = 0.5
+
     def __init__(self) -> None:
         self.requeueing = False
         self.submitit_usr2 = signal.getsignal(signal.SIGUSR2)
+        self.cancelled: str | None = None
 
-    def install(self) -> None:
+    def install(self) -> Signals:
         signal.signal(signal.SIGTERM, self.on_term)
         if callable(self.submitit_usr2):
             signal.signal(signal.SIGUSR2, self.on_usr2)
+        return self
+
+    def disarm(self) -> None:
+        """Stop raising Cancelled again (the run has caught it and records it)."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
     def on_usr2(self, signum: int, frame: Any) -> None:
         self.requeueing = True
@@ -140,15 +151,22 @@ class Signals:
         if self.requeueing:
             log.warning("SIGTERM while requeueing: the requeued job continues this run")
             return
-        raise Cancelled(f"cancelled by {signal.Signals(signum).name} (scancel, preemption or a time limit)")
+        self.cancelled = f"cancelled by {signal.Signals(signum).name} (scancel, preemption or a time limit)"
+        signal.signal(signal.SIGALRM, self.on_repeat)
+        signal.setitimer(signal.ITIMER_REAL, self.REPEAT_S, self.REPEAT_S)
+        raise Cancelled(self.cancelled)
+
+    def on_repeat(self, signum: int, frame: Any) -> None:
+        raise Cancelled(self.cancelled)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    signals = None
     if threading.current_thread() is threading.main_thread():
         # SLURM sends SIGTERM before killing a job: record it as failed (a re-run redoes it)
-        Signals().install()
+        signals = Signals().install()
     done = finished_record(cfg, output_dir)
     if done is not None:  # a re-run sweep skips what it already finished (force=true recomputes)
         log.info("already done, skipped (force=true recomputes): %s", output_dir / RESULT_FILE)
@@ -156,6 +174,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         record = run(cfg, output_dir)
     except LrcError as exc:
+        if signals is not None:
+            signals.disarm()
         try:
             write_record(output_dir, {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                                       "config": OmegaConf.to_container(cfg, resolve=False)})
