@@ -11,7 +11,7 @@ gate/up) serves every linear reading it, instead of an m x m matrix per linear.
 With a square root R Rᵀ = C_x (from the eigendecomposition of C_x, negative round-off
 eigenvalues clamped to zero; float64, shared by the linears of one input), U and the spectrum
 are the left singular vectors and singular values of W R, computed by the factorizer's route
-(the eigh route takes the smaller side: C_y itself when m <= n, Rᵀ Wᵀ W R when m > n).
+(the eigh route takes the smaller side: (W R)(W R)ᵀ = C_y when m <= n, Rᵀ Wᵀ W R when m > n).
 ``pooled`` (the paper's) uses the pooled covariance over ``groups`` contiguous groups of
 calibration tokens (the mean of per-group sample covariances); ``pooled: false`` uses the
 plain sample covariance.

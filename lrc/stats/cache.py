@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -99,20 +99,18 @@ class StatisticsCache:
         keys = {kind: cache_key({**base, "kind": kind}) for kind in sorted(kinds)}
         parts = {kind: self.load(key) for kind, key in keys.items()}
         missing = frozenset(kind for kind, part in parts.items() if part is None)
-        if missing and not self.storage.write:
-            fresh = compute(missing)
-            parts.update({kind: self.keep(keys[kind], _only(fresh, kind_field(kind))) for kind in missing})
-            info("statistics: computed %s (not written: statistics.write=false)", ", ".join(sorted(missing)))
-        elif missing:
-            # One job computes, concurrent jobs (a SLURM sweep) wait on the lock and then load it.
-            with self.lock(cache_key(base)):
+        if missing:
+            # One job computes, concurrent jobs (a SLURM sweep) wait on the lock and then load it;
+            # a run that writes nothing has nothing to wait for.
+            with self.lock(cache_key(base)) if self.storage.write else nullcontext():
                 parts.update({kind: self.load(keys[kind]) for kind in missing})
                 missing = frozenset(kind for kind, part in parts.items() if part is None)
                 if missing:
                     fresh = compute(missing)
                     for kind in missing:
                         parts[kind] = self.keep(keys[kind], _only(fresh, kind_field(kind)))
-                        info("statistics: computed %s, cached at %s", kind, self.path(keys[kind]))
+                        info("statistics: computed %s, %s", kind, f"cached at {self.path(keys[kind])}"
+                             if self.storage.write else "not written (statistics.write=false)")
         cached = frozenset(kinds) - missing
         if cached:
             info("statistics: reused cached %s", ", ".join(sorted(cached)))
