@@ -252,7 +252,7 @@ def main() -> None:
                                      ("Llama-2-70B", [8192] * 3 + [28672], 80)):
         full = blocks * sum(n * n for n in widths_of) * 8
         print(f"  a {label} run's Gram statistics: {stored_bytes(widths_of, blocks, 'float32') / 1e9:.1f} GB as "
-              f"float32 triangles ({full / 1e9:.0f} GB as float64 matrices)")
+              f"float32 triangles before compression ({full / 1e9:.0f} GB as float64 matrices)")
 
     rows = factorization_rows(args, device, runs, routes, factorized, timings["calibration_s"], stats_floor,
                               run_floor)

@@ -19,7 +19,7 @@ def statistics(rng, n=37) -> dict[str, InputStatistics]:
 @pytest.mark.parametrize("precision, dtype", [("float64", torch.float64), ("float32", torch.float32)])
 def test_stored_form_is_the_triangle_rounded_to_the_precision(precision, dtype, rng):
     stats = statistics(rng)
-    storage = StatisticsStorage(precision=precision)
+    storage = StatisticsStorage(precision=precision, codec="none")
     tensors = storage.pack(stats)
     n = stats["a"].gram.shape[0]
     assert tensors["a/gram:triu"].shape == (n * (n + 1) // 2,) and tensors["a/gram:triu"].dtype == dtype
@@ -61,14 +61,31 @@ def test_computed_and_read_back_statistics_are_identical(write, tmp_path, rng):
         assert cached == frozenset() and len(calls) == 2 and files == []
 
 
-def test_file_holds_a_quarter_of_the_float64_matrix(tmp_path, rng):
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_compressed_triangle_is_lossless_and_smaller(precision, rng):
+    stats = statistics(rng, n=200)
+    plain = StatisticsStorage(precision=precision, codec="none").pack(stats)
+    packed = StatisticsStorage(precision=precision).pack(stats)  # the default codec: zstd
+    for name in ("gram", "pooled_cov"):
+        frame = packed[f"a/{name}:triu.zstd"]
+        assert frame.dtype == torch.uint8 and frame.numel() < plain[f"a/{name}:triu"].nbytes
+    back = StatisticsStorage(precision=precision).unpack(packed, {"a": 200, "b": 200})
+    again = StatisticsStorage(precision=precision, codec="none").unpack(plain, {"a": 200, "b": 200})
+    for name in ("gram", "pooled_cov"):  # bit for bit what the uncompressed form holds
+        assert torch.equal(getattr(back["a"], name), getattr(again["a"], name))
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_file_holds_at_most_a_quarter_of_the_float64_matrix(codec, tmp_path, rng):
     n = 300
     x = torch.randn(400, n, generator=rng, dtype=torch.float64)
-    cache = StatisticsCache(tmp_path)  # the default: float32 triangles
+    cache = StatisticsCache(tmp_path, StatisticsStorage(codec=codec))  # float32 triangles
     cache.keep("k" * 32, {"a": InputStatistics(tokens=400, gram=x.T @ x)})
-    size = cache.path("k" * 32).stat().st_size
-    assert n * (n + 1) // 2 * 4 <= size <= n * (n + 1) // 2 * 4 + 4096  # + header and metadata
-    assert size < 0.26 * n * n * 8
+    size, triangle = cache.path("k" * 32).stat().st_size, n * (n + 1) // 2 * 4
+    if codec == "none":  # the triangle's diagonal makes it (n + 1) / 4n of the float64 matrix
+        assert triangle <= size <= triangle + 4096  # + header and metadata
+    else:
+        assert size < 0.25 * n * n * 8 < triangle
 
 
 def test_stored_bytes_of_known_models():
@@ -79,3 +96,5 @@ def test_stored_bytes_of_known_models():
 def test_unknown_precision_is_a_clear_error():
     with pytest.raises(ConfigError, match="statistics.precision='float16'"):
         StatisticsStorage(precision="float16")
+    with pytest.raises(ConfigError, match="statistics.codec='gzip'"):
+        StatisticsStorage(codec="gzip")

@@ -25,6 +25,7 @@ TINY = ["model=tiny-random", "logger=none"]
     (["save=maybe"], "config: save='maybe' is not true or false"),
     (["statistics.write=sometimes"], "statistics: write='sometimes' is not true or false"),
     (["statistics.precision=float16"], "statistics.precision='float16' is not one of"),
+    (["statistics.codec=gzip"], "statistics.codec='gzip' is not one of"),
     (["factorizer.route=qr"], "route='qr' is not one of"),
 ])
 def test_wrong_type_names_the_key_and_the_type(overrides, message):
