@@ -4,9 +4,14 @@
     python -m lrc.report wandb:ENTITY/PROJECT --out report/      # runs of a W&B project
 
 One row per run: method (allocator x factorizer), ratio, removed fraction, status, every
-metric with the dense value and the ratio to it, and the seconds the run took. Plots:
-every perplexity and mean zero-shot accuracy against the ratio (one line per method), and
-the ranks per layer of one run (``--ranks-of``, default the run with the lowest perplexity).
+metric with the dense value and the ratio to it, and the seconds the run took. A metric
+with a standard error (zero-shot accuracies: ``<metric>_stderr``) gets a ``± se`` column
+and a ``vs dense`` mark: ``n.s.`` where the run and the dense model differ by less than two
+standard errors of the difference, sqrt(se_run² + se_dense²) (conservative: both are scored
+on the same examples), else ``+`` or ``-``. Under the table, every pair of runs at the same
+ratio is compared on the zero-shot summaries the same way. Plots: every perplexity and mean
+zero-shot accuracy against the ratio (one line per method, error bars of ± 1 se), and the
+ranks per layer of one run (``--ranks-of``, default the run with the lowest perplexity).
 Unreadable records are reported and skipped; failed runs are listed with their error.
 """
 
@@ -27,6 +32,8 @@ from lrc.paths import RESULT_FILE
 
 log = logging.getLogger(__name__)
 WANDB_PREFIX = "wandb:"
+STDERR = "_stderr"
+SUMMARIES = ("lm_eval/mean_acc_above_chance", "lm_eval/mean_acc")  # compared pairwise under the table
 
 
 def collect(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -70,6 +77,23 @@ def _is_metric(key: str) -> bool:
     return key.startswith(("ppl/", "lm_eval/"))
 
 
+def _is_column(key: str) -> bool:
+    """A metric shown as its own column (standard errors go beside their metric; chance levels
+    are constants of a task and stay in result.json)."""
+    return not key.endswith((STDERR, "/chance"))
+
+
+def difference(a: float, se_a: float | None, b: float, se_b: float | None) -> tuple[float, float | None, str]:
+    """(a - b, its standard error, mark): ``n.s.`` where |a - b| < 2 se, else ``+`` or ``-``
+    (no mark without standard errors). Independent-sample se, sqrt(se_a² + se_b²)."""
+    if se_a is None or se_b is None:
+        return a - b, None, ""
+    se = (se_a**2 + se_b**2) ** 0.5
+    if abs(a - b) < 2 * se:
+        return a - b, se, "n.s."
+    return a - b, se, "+" if a > b else "-"
+
+
 def _natural(path: Path) -> list:
     """Sort key: '2_x' before '10_x' (Hydra numbers sweep jobs without padding)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
@@ -85,11 +109,13 @@ def method(record: dict[str, Any]) -> str:
 def rows(records: list[dict[str, Any]], only: list[str] | None = None) -> tuple[list[str], list[list[Any]]]:
     """The comparison table as raw values (None where a value is missing); ``only`` keeps the
     metrics whose name contains one of these strings."""
-    metrics = sorted({m for r in records for m in r.get("metrics", {}) if not only or any(o in m for o in only)},
+    metrics = sorted({m for r in records for m in r.get("metrics", {})
+                      if _is_column(m) and (not only or any(o in m for o in only))},
                      key=lambda m: (not m.startswith("ppl"), m))
+    with_se = {m for m in metrics if any(m + STDERR in r.get("metrics", {}) for r in records)}
     header = ["method", "allocator", "factorizer", "ratio", "removed", "status"]
     for m in metrics:
-        header += [m, f"dense {m}", "x dense"]
+        header += [m, "± se", f"dense {m}", "x dense", "vs dense"] if m in with_se else [m, f"dense {m}", "x dense"]
     header += ["total s", "run"]
     table = []
     for r in records:
@@ -97,11 +123,37 @@ def rows(records: list[dict[str, Any]], only: list[str] | None = None) -> tuple[
         row = [cfg.get("method_name") or "-", cfg.get("allocator", {}).get("name", "?"),
                cfg.get("factorizer", {}).get("name", "?"),
                cfg.get("ratio"), r.get("params", {}).get("removed_fraction"), r["status"]]
+        values, dense_values = r.get("metrics", {}), r.get("dense_metrics", {})
         for m in metrics:
-            value, dense = r.get("metrics", {}).get(m), r.get("dense_metrics", {}).get(m)
-            row += [value, dense, value / dense if value is not None and dense else None]
+            value, dense = values.get(m), dense_values.get(m)
+            ratio = value / dense if value is not None and dense else None
+            if m not in with_se:
+                row += [value, dense, ratio]
+                continue
+            se = values.get(m + STDERR)
+            mark = (difference(value, se, dense, dense_values.get(m + STDERR))[2]
+                    if value is not None and dense is not None else "")
+            row += [value, se, dense, ratio, mark or None]
         row += [r.get("timings", {}).get("total_s"), r.get("_path")]
         table.append(row)
+    return header, table
+
+
+def pairwise(records: list[dict[str, Any]], metrics: tuple[str, ...] = SUMMARIES) -> tuple[list[str], list[list[Any]]]:
+    """Every pair of finished runs at the same ratio compared on ``metrics`` that carry a
+    standard error: the difference, its standard error and the mark of :func:`difference`."""
+    header = ["metric", "ratio", "run a", "run b", "a - b", "± se", "mark"]
+    table = []
+    done = [r for r in records if r.get("status") == "done"]
+    for m in metrics:
+        scored = [r for r in done if m in r.get("metrics", {}) and m + STDERR in r["metrics"]]
+        for i, a in enumerate(scored):
+            for b in scored[i + 1:]:
+                if a["config"].get("ratio") != b["config"].get("ratio"):
+                    continue
+                diff, se, mark = difference(a["metrics"][m], a["metrics"][m + STDERR],
+                                            b["metrics"][m], b["metrics"][m + STDERR])
+                table.append([m, a["config"].get("ratio"), method(a), method(b), diff, se, mark])
     return header, table
 
 
@@ -133,9 +185,9 @@ def plot(records: list[dict[str, Any]], out: Path, ranks_of: str | None = None) 
     points = [{"method": method(r), "ratio": r["config"].get("ratio"), **r.get("metrics", {})} for r in done]
     written = []
     metrics = sorted({m for r in done for m in r.get("metrics", {})})
-    for m in [m for m in metrics if m.startswith("ppl/")] + [m for m in metrics if m == "lm_eval/mean_acc"]:
+    for m in [m for m in metrics if m.startswith("ppl/")] + [m for m in metrics if m in SUMMARIES]:
         dense = next((r["dense_metrics"].get(m) for r in done if r.get("dense_metrics", {}).get(m)), None)
-        fig = plots.metric_vs_ratio(points, m, dense=dense, log_scale=m.startswith("ppl/"))
+        fig = plots.metric_vs_ratio(points, m, dense=dense, log_scale=m.startswith("ppl/"), stderr=m + STDERR)
         written.append(_save(fig, out / f"{m.replace('/', '_')}_vs_ratio.png"))
     chosen = (next((r for r in done if ranks_of in r.get("_path", "")), None) if ranks_of is not None
               else min(done, key=lambda r: _first_ppl(r), default=None))
@@ -184,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in records:
         if r["status"] != "done":
             print(f"failed run {r.get('_path')}: {r.get('error', r['status'])}", file=sys.stderr)
-    header, table = rows(records, args.metrics.split(",") if args.metrics else None)
-    text = markdown(header, table)
+    text = report_text(records, args.metrics.split(",") if args.metrics else None)
     print(text)
     if args.out is not None:
         for path in write_report(records, args.out, args.ranks_of, args.metrics.split(",") if args.metrics else None):
@@ -193,11 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def report_text(records: list[dict[str, Any]], only: list[str] | None = None) -> str:
+    """The comparison table, then the pairwise differences on the zero-shot summaries (if any)."""
+    text = markdown(*rows(records, only))
+    header, table = pairwise(records)
+    if table:
+        text += ("\n\nDifferences between runs at the same ratio (n.s.: less than two standard errors "
+                 "of the difference):\n\n" + markdown(header, table))
+    return text
+
+
 def write_report(records: list[dict[str, Any]], out: Path, ranks_of: str | None = None,
                  only: list[str] | None = None) -> list[Path]:
     """``report.md``, ``report.csv`` and the PNG plots of ``records`` in ``out``, atomically."""
     header, table = rows(records, only)
-    atomic_write_bytes(out / "report.md", (markdown(header, table) + "\n").encode())
+    atomic_write_bytes(out / "report.md", (report_text(records, only) + "\n").encode())
     atomic_write_bytes(out / "report.csv", to_csv(header, table).encode())
     return [out / "report.md", out / "report.csv", *plot(records, out, ranks_of)]
 

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lrc.report import collect, collect_wandb, main, markdown, method, rows
+from lrc.report import collect, collect_wandb, difference, main, markdown, method, pairwise, rows
 
 
 def record(allocator, factorizer, ratio, ppl, acc=None, status="done"):
@@ -102,3 +102,38 @@ def test_a_method_preset_names_the_row():
     header, table = rows([record])
     assert table[0][:3] == ["bolaco", "bayes", "feature_pca"] and method(record) == "bolaco"
     assert method({**record, "config": {**record["config"], "method_name": None}}) == "bayes x feature_pca"
+
+
+def scored(allocator, ratio, value, se):
+    """A record with the zero-shot summary and its standard error (dense: 0.40 ± 0.02)."""
+    rec = record(allocator, "svdllm", ratio, 50.0)
+    m = "lm_eval/mean_acc_above_chance"
+    rec["metrics"].update({m: value, m + "_stderr": se, "lm_eval/t/chance": 0.5})
+    rec["dense_metrics"].update({m: 0.40, m + "_stderr": 0.02})
+    return rec
+
+
+def test_differences_within_two_standard_errors_are_marked_not_significant(tmp_path, capsys):
+    assert difference(0.40, 0.02, 0.34, 0.02)[2] == "+"  # 0.06 > 2 x sqrt(2) x 0.02 = 0.0566
+    assert difference(0.40, 0.02, 0.35, 0.02)[2] == "n.s."  # 0.05 < 0.0566
+    assert difference(0.30, None, 0.40, 0.02) == pytest.approx((-0.1, None, ""))
+    records = [scored("uniform", 0.2, 0.30, 0.02), scored("mgaa", 0.2, 0.35, 0.02), scored("bayes", 0.2, 0.385, 0.02),
+               scored("mgaa", 0.4, 0.10, 0.02)]
+    header, table = rows(records)
+    m = "lm_eval/mean_acc_above_chance"
+    start = header.index(m)
+    assert header[start:start + 5] == [m, "± se", f"dense {m}", "x dense", "vs dense"]
+    assert "lm_eval/t/chance" not in header and m + "_stderr" not in header  # beside their metric, not columns
+    assert [row[start + 4] for row in table] == ["-", "n.s.", "n.s.", "-"]
+    assert [row[start + 1] for row in table] == [0.02] * 4
+    header, pairs = pairwise(records)
+    marks = {(a, b): (mark, diff) for _, ratio, a, b, diff, _, mark in pairs}
+    assert len(pairs) == 3  # only runs at the same ratio are compared
+    assert marks[("uniform x svdllm", "mgaa x svdllm")][0] == "n.s."  # 0.05 apart
+    assert marks[("uniform x svdllm", "bayes x svdllm")] == ("-", pytest.approx(-0.085))
+    assert marks[("mgaa x svdllm", "bayes x svdllm")][0] == "n.s."
+    for i, rec in enumerate(records):
+        write(tmp_path / "r", f"{i}_run", rec)
+    assert main([str(tmp_path / "r"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Differences between runs at the same ratio" in text and "| n.s. |" in text

@@ -1,6 +1,7 @@
 """Zero-shot accuracy through lm-eval on the in-memory model, with the offline suite."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -65,6 +66,49 @@ def test_accuracy_follows_the_model_likelihoods(tiny, tmp_path):
     assert scores == {"Y": 1.0, "N": 0.0}
 
 
+def test_stderr_chance_and_normalised_accuracy_equal_an_independent_computation(tiny, tmp_path):
+    """A user task with 2 to 4 choices scored by lm-eval, and the same examples scored here from
+    the tiny model's own likelihoods: accuracy, its standard error, chance and accuracy above
+    chance agree, as do the suite summaries over two tasks."""
+    from test_cloze import continuation_logprobs
+
+    gen = torch.Generator().manual_seed(7)
+    words = ["red", "blue", "green", "stone", "river", "cloud", "seven", "apple"]
+    docs = []
+    for i in range(30):
+        k = 2 + i % 3
+        picks = torch.randperm(len(words), generator=gen)[:k].tolist()
+        docs.append({"q": f"Pick {i}:", "choices": [words[j] for j in picks], "label": i % k})
+    for name, rows in (("tiny_pick", docs), ("tiny_pick_two", docs[:12])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(d) + "\n" for d in rows))
+        (tmp_path / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\n"
+            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+            "doc_to_choice: '{{choices}}'\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n")
+    bench = ZeroShotBenchmark(tasks=("tiny_pick", "tiny_pick_two"), include_path=(str(tmp_path),), batch_size=8)
+    metrics = bench.run(tiny.model, tiny.tokenizer)
+
+    expected = {}
+    for name, rows in (("tiny_pick", docs), ("tiny_pick_two", docs[:12])):
+        correct = []
+        for d in rows:
+            lls = [continuation_logprobs(tiny.model, tiny.tokenizer, d["q"], " " + c)[0] for c in d["choices"]]
+            correct.append(float(max(range(len(lls)), key=lls.__getitem__) == d["label"]))
+        acc, se = statistics.mean(correct), statistics.stdev(correct) / len(correct) ** 0.5
+        chance = statistics.mean(1 / len(d["choices"]) for d in rows)
+        expected[name] = (acc, se, chance, (acc - chance) / (1 - chance), se / (1 - chance))
+        got = [metrics[f"lm_eval/{name}/{m}"] for m in ("acc", "acc_stderr", "chance", "acc_above_chance",
+                                                          "acc_above_chance_stderr")]
+        assert got == pytest.approx(expected[name], rel=1e-9)
+    assert 0 < expected["tiny_pick"][0] < 1  # right on some examples, wrong on others: a real stderr
+    (a, sa, _, na, sna), (b, sb, _, nb, snb) = expected["tiny_pick"], expected["tiny_pick_two"]
+    assert metrics["lm_eval/mean_acc"] == pytest.approx((a + b) / 2)
+    assert metrics["lm_eval/mean_acc_stderr"] == pytest.approx((sa**2 + sb**2) ** 0.5 / 2)
+    assert metrics["lm_eval/mean_acc_above_chance"] == pytest.approx((na + nb) / 2)
+    assert metrics["lm_eval/mean_acc_above_chance_stderr"] == pytest.approx((sna**2 + snb**2) ** 0.5 / 2)
+
+
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"unknown lm-eval task\(s\) \['no_such_task'\]"):
         ZeroShotBenchmark(tasks=("lrc_offline", "no_such_task")).check()
@@ -84,3 +128,9 @@ def test_flatten_names_metrics_and_skips_groups():
                "b": {"acc,none": 1.0}}
     assert flatten(results, {"grp"}) == {"lm_eval/grp/acc": 0.9, "lm_eval/a/acc": 0.5, "lm_eval/a/acc_norm": 0.25,
                                          "lm_eval/b/acc": 1.0, "lm_eval/mean_acc": 0.75}
+    results["a"]["acc_stderr,none"], results["b"]["acc_stderr,none"] = 0.1, 0.0
+    chances = {"a": 0.5, "b": 0.25}
+    got = flatten(results, {"grp"}, chances)
+    assert got["lm_eval/a/acc_above_chance"] == 0.0 and got["lm_eval/b/acc_above_chance"] == 1.0
+    assert got["lm_eval/a/acc_above_chance_stderr"] == pytest.approx(0.2)
+    assert got["lm_eval/mean_acc_above_chance"] == 0.5 and got["lm_eval/mean_acc_stderr"] == pytest.approx(0.05)

@@ -28,6 +28,7 @@ from lrc.compress.stage import Method
 from lrc.config.schema import check_options, resolve_target
 from lrc.data.windows import Calibration
 from lrc.errors import ConfigError, LrcError
+from lrc.eval.cloze import ClozeTask
 from lrc.eval.perplexity import PerplexityBenchmark
 from lrc.eval.zeroshot import ZeroShotBenchmark
 from lrc.model.loading import LoadedModel, resolve_device
@@ -93,12 +94,25 @@ def build_benchmarks(cfg: DictConfig) -> list[PerplexityBenchmark | ZeroShotBenc
         benches.append(construct(PerplexityBenchmark, opts, f"benchmark.perplexity.{name}", name=name, source=source))
     zeroshot = cfg.benchmark.get("zeroshot")
     if zeroshot:
-        bench = construct(ZeroShotBenchmark, plain(zeroshot), "benchmark.zeroshot")
+        opts, nodes = plain(zeroshot), zeroshot.get("cloze") or {}
+        opts.pop("cloze", None)
+        cloze = tuple(build_cloze(name, nodes[name]) for name in nodes)
+        bench = construct(ZeroShotBenchmark, opts, "benchmark.zeroshot", cloze=cloze)
         bench.check()  # unknown task names fail here, before the model is loaded
         benches.append(bench)
     if not benches:
         raise ConfigError(f"benchmark={cfg.benchmark.get('name')!r} defines no benchmark")
     return benches
+
+
+def build_cloze(name: str, node: DictConfig) -> ClozeTask:
+    """The cloze task ``benchmark.zeroshot.cloze.<name>`` over its text ``source``."""
+    opts = plain(node)
+    opts.pop("source", None)
+    if "source" not in node:
+        raise ConfigError(f"benchmark.zeroshot.cloze.{name}: no source given")
+    source = build(node.source, f"benchmark.zeroshot.cloze.{name}.source")
+    return construct(ClozeTask, opts, f"benchmark.zeroshot.cloze.{name}", name=name, source=source)
 
 
 def layerwise_options(cfg: DictConfig) -> LayerwiseOptions:

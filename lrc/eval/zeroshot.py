@@ -3,14 +3,23 @@
 The model is wrapped as ``HFLM(pretrained=model, tokenizer=tokenizer)`` and evaluated with
 ``lm_eval.simple_evaluate``; lm-eval's own task registry is used, plus lrc's offline suite
 (``lrc/eval/tasks/offline``: BIG-bench multiple-choice tasks shipped in the package, tag
-``lrc_offline``), so ``tasks`` may name either. Results are reported as
-``lm_eval/<task>/<metric>`` and ``lm_eval/mean_acc`` (the mean of every task's ``acc``).
+``lrc_offline``), so ``tasks`` may name either; ``cloze`` adds LAMBADA-style tasks built from
+lrc text sources (:mod:`lrc.eval.cloze`).
+
+Every task reports ``lm_eval/<task>/<metric>`` with lm-eval's standard error
+``<metric>_stderr`` (sample standard deviation / sqrt(n)), its ``chance`` level (the mean of
+1 / number of choices over its examples for multiple choice, 0 for exact match) and
+``acc_above_chance`` = (acc - chance) / (1 - chance): 0 at chance, 1 when always right, so
+tasks with different numbers of choices average fairly. The suite's summaries are
+``lm_eval/mean_acc`` and ``lm_eval/mean_acc_above_chance``, unweighted means over tasks,
+each with the standard error of a mean of independent estimates, sqrt(sum se_i²) / T.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -19,11 +28,16 @@ from typing import Any
 from torch import nn
 
 from lrc.errors import ConfigError
+from lrc.eval.cloze import ClozeTask
 
 log = logging.getLogger(__name__)
 
 OFFLINE_TASKS = Path(__file__).resolve().parent / "tasks" / "offline"
-METRICS = ("acc", "acc_norm")
+METRICS = ("acc", "acc_norm", "word_logprob")
+STDERR = "_stderr"
+# lm-eval computes a metric's standard error only when bootstrap_iters > 0; for a mean (every
+# metric lrc reports) it is the closed form, so this number only matters for bootstrapped ones
+BOOTSTRAP_ITERS = 1000
 
 
 @cache
@@ -37,21 +51,23 @@ def task_manager(extra: tuple[str, ...] = (), defaults: bool = True) -> Any:
 
 @dataclass(frozen=True)
 class ZeroShotBenchmark:
-    """lm-eval tasks (or tags/groups); reported as ``lm_eval/<task>/<metric>``."""
+    """lm-eval tasks (or tags/groups) and cloze tasks; reported as ``lm_eval/<task>/<metric>``."""
 
-    tasks: tuple[str, ...]
+    tasks: tuple[str, ...] = ()
     batch_size: int = 16
     limit: int | None = None  # examples per task (None: all)
     num_fewshot: int = 0
     include_path: tuple[str, ...] = field(default=())  # extra folders of lm-eval task YAMLs
     samples: bool = False  # keep every scored example (logged to W&B as one table per task)
+    cloze: tuple[ClozeTask, ...] = ()
     name: str = "zeroshot"
     _tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
         object.__setattr__(self, "include_path", tuple(self.include_path))
-        if not self.tasks:
+        object.__setattr__(self, "cloze", tuple(self.cloze))
+        if not self.tasks and not self.cloze:
             raise ConfigError("zeroshot: no tasks given")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"zeroshot: batch_size={self.batch_size!r} must be a positive integer")
@@ -67,6 +83,8 @@ class ZeroShotBenchmark:
 
     def check(self) -> None:
         """Raise a ConfigError naming every task lm-eval does not know (no model needed)."""
+        if not self.tasks:
+            return
         known = set(self.registry().all_tasks)
         unknown = [t for t in self.tasks if t not in known]
         if unknown:
@@ -75,7 +93,8 @@ class ZeroShotBenchmark:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "tasks": list(self.tasks), "limit": self.limit, "num_fewshot": self.num_fewshot,
-                "include_path": list(self.include_path), "protocol": 1}  # samples: no effect on metrics
+                "include_path": list(self.include_path), "cloze": [c.describe() for c in self.cloze],
+                "protocol": 2}  # samples: no effect on metrics
 
     def run(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
         import lm_eval
@@ -83,13 +102,17 @@ class ZeroShotBenchmark:
 
         self.check()
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(self.tasks), num_fewshot=self.num_fewshot,
+        tasks = [*self.tasks, *(c.lm_eval_task() for c in self.cloze)]
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=self.num_fewshot,
                                       limit=self.limit, task_manager=self.registry(),
-                                      log_samples=self.samples, bootstrap_iters=0, verbosity="ERROR")
+                                      log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS, verbosity="ERROR")
+        samples = out.get("samples") or {}
+        chances = {task: chance(rows, out["configs"][task]["output_type"]) for task, rows in samples.items()}
         self._tables.clear()
-        for task, samples in (out.get("samples") or {}).items():
-            self._tables[f"lm_eval_samples/{task}"] = sample_table(samples)
-        return flatten(out["results"], set(out.get("groups", {})))
+        if self.samples:
+            for task, rows in samples.items():
+                self._tables[f"lm_eval_samples/{task}"] = sample_table(rows)
+        return flatten(out["results"], set(out.get("groups", {})), chances)
 
     def tables(self) -> dict[str, tuple[list[str], list[list[Any]]]]:
         """``{key: (columns, rows)}`` of the last run's examples when ``samples`` is on."""
@@ -107,18 +130,45 @@ def sample_table(samples: list[dict[str, Any]]) -> tuple[list[str], list[list[An
     return columns, rows
 
 
-def flatten(results: dict[str, dict[str, Any]], groups: set[str] = frozenset()) -> dict[str, float]:
-    """lm-eval's ``{"task": {"acc,none": 0.5, ...}}`` as ``{"lm_eval/task/acc": 0.5, ...}``, plus
-    ``lm_eval/mean_acc``: the unweighted mean ``acc`` over the tasks (group aggregates excluded)."""
+def chance(samples: list[dict[str, Any]], output_type: str) -> float:
+    """A task's chance accuracy: the mean of 1 / number of choices over its examples for
+    multiple choice (guessing uniformly), 0 for exact match of a free continuation."""
+    if output_type != "multiple_choice" or not samples:
+        return 0.0
+    return sum(1.0 / len(s["filtered_resps"]) for s in samples) / len(samples)
+
+
+def flatten(results: dict[str, dict[str, Any]], groups: set[str] = frozenset(),
+            chances: dict[str, float] | None = None) -> dict[str, float]:
+    """lm-eval's ``{"task": {"acc,none": 0.5, "acc_stderr,none": 0.05, ...}}`` as
+    ``{"lm_eval/task/acc": 0.5, "lm_eval/task/acc_stderr": 0.05, ...}``; with the tasks'
+    ``chances``, also each task's ``chance`` and ``acc_above_chance`` (+ stderr). Summaries over
+    the tasks (group aggregates excluded): ``lm_eval/mean_acc`` and, with chances,
+    ``lm_eval/mean_acc_above_chance``, each with its ``_stderr`` where every task has one."""
+    chances = chances or {}
     metrics: dict[str, float] = {}
-    accs = []
+    summaries: dict[str, list[tuple[float, float | None]]] = {"mean_acc": [], "mean_acc_above_chance": []}
     for task, values in sorted(results.items()):
         for key, value in values.items():
             metric = key.partition(",")[0]
-            if metric in METRICS and isinstance(value, (int, float)):
+            if metric.removesuffix(STDERR) in METRICS and isinstance(value, (int, float)):
                 metrics[f"lm_eval/{task}/{metric}"] = float(value)
-        if task not in groups and isinstance(values.get("acc,none"), (int, float)):
-            accs.append(float(values["acc,none"]))
-    if accs:
-        metrics["lm_eval/mean_acc"] = sum(accs) / len(accs)
+        acc, se = values.get("acc,none"), values.get("acc_stderr,none")
+        if task in groups or not isinstance(acc, (int, float)):
+            continue
+        se = float(se) if isinstance(se, (int, float)) else None
+        summaries["mean_acc"].append((float(acc), se))
+        if task in chances:
+            c = chances[task]
+            above = ((acc - c) / (1.0 - c), se / (1.0 - c) if se is not None else None)
+            metrics[f"lm_eval/{task}/chance"] = c
+            metrics[f"lm_eval/{task}/acc_above_chance"] = above[0]
+            if above[1] is not None:
+                metrics[f"lm_eval/{task}/acc_above_chance{STDERR}"] = above[1]
+            summaries["mean_acc_above_chance"].append(above)
+    for name, values in summaries.items():
+        if values:
+            metrics[f"lm_eval/{name}"] = sum(v for v, _ in values) / len(values)
+            if all(se is not None for _, se in values):
+                metrics[f"lm_eval/{name}{STDERR}"] = math.sqrt(sum(se**2 for _, se in values)) / len(values)
     return metrics

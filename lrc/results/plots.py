@@ -17,17 +17,21 @@ BLOCK = re.compile(r"\.(\d+)\.")
 
 
 def metric_vs_ratio(points: Sequence[Mapping[str, Any]], metric: str, dense: float | None = None,
-                    log_scale: bool = False, title: str | None = None) -> Figure:
-    """One line per method: ``points`` are ``{"method", "ratio", metric}`` rows."""
-    lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+                    log_scale: bool = False, title: str | None = None, stderr: str | None = None) -> Figure:
+    """One line per method: ``points`` are ``{"method", "ratio", metric}`` rows; where a point
+    has ``stderr`` (a key), its error bar spans ± 1 standard error."""
+    lines: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     for p in points:
         if p.get(metric) is not None:
-            lines[p["method"]].append((float(p["ratio"]), float(p[metric])))
+            se = p.get(stderr) if stderr else None
+            lines[p["method"]].append((float(p["ratio"]), float(p[metric]), float(se) if se is not None else 0.0))
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.add_subplot()
     for method, xy in sorted(lines.items()):
         xy.sort()
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=method)
+        errors = [e for _, _, e in xy]
+        ax.errorbar([x for x, _, _ in xy], [y for _, y, _ in xy], yerr=errors if any(errors) else None,
+                    marker="o", capsize=3, label=method)
     if dense is not None:
         ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
     if log_scale:
