@@ -62,7 +62,8 @@ def test_targets_end_pieces_and_follow_the_options():
     assert clause[1].context == "epsilon zeta eta theta; iota kappa lambda"
     assert sentence[0].context == "Alpha beta gamma delta, epsilon zeta eta theta; iota kappa lambda"
     assert [e.target for e in cloze_examples([text], context_words=4, min_word_chars=2)][-1] == "it"
-    assert cloze_examples([text], context_words=4, limit=2) == clause[:2]
+    assert cloze_examples([text], context_words=4, limit=2) == [clause[0], clause[1]]  # 0 and 3 // 2
+    assert cloze_examples([text] * 3, context_words=4, limit=3) == [clause[0]] * 3  # one from each copy
     repeated = "The cat sat on the mat near the dog. A bird flew over the cat."
     assert [e.target for e in cloze_examples([repeated], context_words=6, recall=True)] == ["cat"]
     assert [e.target for e in cloze_examples([repeated], context_words=6)] == ["dog", "cat"]

@@ -16,7 +16,7 @@ from lrc.eval.zeroshot import OFFLINE_TASKS, ZeroShotBenchmark, flatten
 def test_offline_suite_ships_its_data():
     for task in TASKS:
         rows = [json.loads(line) for line in (OFFLINE_TASKS / "data" / f"{task}.jsonl").read_text().splitlines()]
-        assert len(rows) >= 80
+        assert len(rows) == TASKS[task]
         assert all(0 <= r["label"] < len(r["choices"]) and r["question"] for r in rows)
 
 
@@ -32,13 +32,13 @@ def test_tiny_model_on_local_tasks_from_another_directory(tiny, tmp_path, monkey
 
 
 def test_samples_are_kept_as_tables_when_asked(tiny):
-    bench = ZeroShotBenchmark(tasks=("lrc_strategyqa",), limit=3, samples=True)
+    bench = ZeroShotBenchmark(tasks=("lrc_ruin_names",), limit=3, samples=True)
     metrics = bench.run(tiny.model, tiny.tokenizer)
-    columns, rows = bench.tables()["lm_eval_samples/lrc_strategyqa"]
+    columns, rows = bench.tables()["lm_eval_samples/lrc_ruin_names"]
     assert len(rows) == 3 and columns[:2] == ["doc_id", "target"]
     accs = [row[columns.index("acc")] for row in rows]
-    assert sum(accs) / 3 == pytest.approx(metrics["lm_eval/lrc_strategyqa/acc"])
-    assert all(len(json.loads(row[columns.index("loglikelihoods")])) == 2 for row in rows)  # Yes / No
+    assert sum(accs) / 3 == pytest.approx(metrics["lm_eval/lrc_ruin_names/acc"])
+    assert all(len(json.loads(row[columns.index("loglikelihoods")])) == 4 for row in rows)  # four names
 
 
 def test_accuracy_follows_the_model_likelihoods(tiny, tmp_path):
@@ -105,8 +105,9 @@ def test_stderr_chance_and_normalised_accuracy_equal_an_independent_computation(
     (a, sa, _, na, sna), (b, sb, _, nb, snb) = expected["tiny_pick"], expected["tiny_pick_two"]
     assert metrics["lm_eval/mean_acc"] == pytest.approx((a + b) / 2)
     assert metrics["lm_eval/mean_acc_stderr"] == pytest.approx((sa**2 + sb**2) ** 0.5 / 2)
-    assert metrics["lm_eval/mean_acc_above_chance"] == pytest.approx((na + nb) / 2)
-    assert metrics["lm_eval/mean_acc_above_chance_stderr"] == pytest.approx((sna**2 + snb**2) ** 0.5 / 2)
+    # the normalised summary weighs each task by its examples (30 and 12)
+    assert metrics["lm_eval/mean_acc_above_chance"] == pytest.approx((30 * na + 12 * nb) / 42)
+    assert metrics["lm_eval/mean_acc_above_chance_stderr"] == pytest.approx(((30 * sna) ** 2 + (12 * snb) ** 2) ** 0.5 / 42)
 
 
 def test_unknown_task_is_a_clear_error():
@@ -134,3 +135,7 @@ def test_flatten_names_metrics_and_skips_groups():
     assert got["lm_eval/a/acc_above_chance"] == 0.0 and got["lm_eval/b/acc_above_chance"] == 1.0
     assert got["lm_eval/a/acc_above_chance_stderr"] == pytest.approx(0.2)
     assert got["lm_eval/mean_acc_above_chance"] == 0.5 and got["lm_eval/mean_acc_stderr"] == pytest.approx(0.05)
+    weighted = flatten(results, {"grp"}, chances, {"a": 30, "b": 10})
+    assert weighted["lm_eval/mean_acc_above_chance"] == pytest.approx(0.25)  # (30 x 0 + 10 x 1) / 40
+    assert weighted["lm_eval/mean_acc_above_chance_stderr"] == pytest.approx(30 * 0.2 / 40)
+    assert weighted["lm_eval/mean_acc"] == 0.75  # the plain mean stays unweighted

@@ -63,8 +63,8 @@ def cloze_examples(documents: list[str], context_words: int = 50, min_word_chars
             if recall and target.lower() not in {w.lower() for w in WORD.findall(context)}:
                 continue
             examples.append(ClozeExample(context=context, target=target))
-            if limit is not None and len(examples) >= limit:
-                return examples
+    if limit is not None and len(examples) > limit:  # evenly spaced over the whole text
+        examples = [examples[i * len(examples) // limit] for i in range(limit)]
     return examples
 
 
@@ -84,7 +84,7 @@ class ClozeTask:
     min_word_chars: int = 3
     recall: bool = False
     boundaries: str = "clause"
-    limit: int | None = None  # examples (None: every candidate in the text)
+    limit: int | None = None  # examples, evenly spaced over the text (None: every candidate)
     _examples: list[ClozeExample] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -11,8 +11,9 @@ Every task reports ``lm_eval/<task>/<metric>`` with lm-eval's standard error
 1 / number of choices over its examples for multiple choice, 0 for exact match) and
 ``acc_above_chance`` = (acc - chance) / (1 - chance): 0 at chance, 1 when always right, so
 tasks with different numbers of choices average fairly. The suite's summaries are
-``lm_eval/mean_acc`` and ``lm_eval/mean_acc_above_chance``, unweighted means over tasks,
-each with the standard error of a mean of independent estimates, sqrt(sum se_i²) / T.
+``lm_eval/mean_acc`` (the plain mean over tasks, as the papers report) and
+``lm_eval/mean_acc_above_chance`` (over all the suite's examples, each task weighted by its
+examples), each with the standard error of a weighted mean of independent estimates.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ class ZeroShotBenchmark:
         if self.samples:
             for task, rows in samples.items():
                 self._tables[f"lm_eval_samples/{task}"] = sample_table(rows)
-        return flatten(out["results"], set(out.get("groups", {})), chances)
+        sizes = {task: len(rows) for task, rows in samples.items()}
+        return flatten(out["results"], set(out.get("groups", {})), chances, sizes)
 
     def tables(self) -> dict[str, tuple[list[str], list[list[Any]]]]:
         """``{key: (columns, rows)}`` of the last run's examples when ``samples`` is on."""
@@ -139,15 +141,23 @@ def chance(samples: list[dict[str, Any]], output_type: str) -> float:
 
 
 def flatten(results: dict[str, dict[str, Any]], groups: set[str] = frozenset(),
-            chances: dict[str, float] | None = None) -> dict[str, float]:
+            chances: dict[str, float] | None = None, sizes: dict[str, int] | None = None) -> dict[str, float]:
     """lm-eval's ``{"task": {"acc,none": 0.5, "acc_stderr,none": 0.05, ...}}`` as
     ``{"lm_eval/task/acc": 0.5, "lm_eval/task/acc_stderr": 0.05, ...}``; with the tasks'
-    ``chances``, also each task's ``chance`` and ``acc_above_chance`` (+ stderr). Summaries over
-    the tasks (group aggregates excluded): ``lm_eval/mean_acc`` and, with chances,
-    ``lm_eval/mean_acc_above_chance``, each with its ``_stderr`` where every task has one."""
-    chances = chances or {}
+    ``chances``, also each task's ``chance`` and ``acc_above_chance`` (+ stderr). Summaries
+    over the tasks (group aggregates excluded), each with its ``_stderr`` where every task has one:
+
+    * ``lm_eval/mean_acc``: the plain mean of the tasks' accuracies (the papers' "average");
+    * ``lm_eval/mean_acc_above_chance`` (with chances): every example's score above chance,
+      (correct - chance) / (1 - chance), averaged over all the suite's examples, i.e. the tasks'
+      ``acc_above_chance`` weighted by their ``sizes`` (examples; equal weights without sizes),
+      as lm-eval's size-weighted groups do. Its standard error, sqrt(sum w_i² se_i²), is the
+      smallest a suite of these examples allows: a task with more examples says more.
+    """
+    chances, sizes = chances or {}, sizes or {}
     metrics: dict[str, float] = {}
-    summaries: dict[str, list[tuple[float, float | None]]] = {"mean_acc": [], "mean_acc_above_chance": []}
+    plain: list[tuple[float, float | None]] = []
+    above: list[tuple[float, float | None, float]] = []  # (value, stderr, weight)
     for task, values in sorted(results.items()):
         for key, value in values.items():
             metric = key.partition(",")[0]
@@ -157,18 +167,20 @@ def flatten(results: dict[str, dict[str, Any]], groups: set[str] = frozenset(),
         if task in groups or not isinstance(acc, (int, float)):
             continue
         se = float(se) if isinstance(se, (int, float)) else None
-        summaries["mean_acc"].append((float(acc), se))
+        plain.append((float(acc), se))
         if task in chances:
             c = chances[task]
-            above = ((acc - c) / (1.0 - c), se / (1.0 - c) if se is not None else None)
+            value, value_se = (acc - c) / (1.0 - c), se / (1.0 - c) if se is not None else None
             metrics[f"lm_eval/{task}/chance"] = c
-            metrics[f"lm_eval/{task}/acc_above_chance"] = above[0]
-            if above[1] is not None:
-                metrics[f"lm_eval/{task}/acc_above_chance{STDERR}"] = above[1]
-            summaries["mean_acc_above_chance"].append(above)
-    for name, values in summaries.items():
-        if values:
-            metrics[f"lm_eval/{name}"] = sum(v for v, _ in values) / len(values)
-            if all(se is not None for _, se in values):
-                metrics[f"lm_eval/{name}{STDERR}"] = math.sqrt(sum(se**2 for _, se in values)) / len(values)
+            metrics[f"lm_eval/{task}/acc_above_chance"] = value
+            if value_se is not None:
+                metrics[f"lm_eval/{task}/acc_above_chance{STDERR}"] = value_se
+            above.append((value, value_se, float(sizes.get(task, 1))))
+    for name, values in (("mean_acc", [(v, se, 1.0) for v, se in plain]), ("mean_acc_above_chance", above)):
+        if not values:
+            continue
+        total = sum(w for _, _, w in values)
+        metrics[f"lm_eval/{name}"] = sum(v * w for v, _, w in values) / total
+        if all(se is not None for _, se, _ in values):
+            metrics[f"lm_eval/{name}{STDERR}"] = math.sqrt(sum((se * w) ** 2 for _, se, w in values)) / total
     return metrics

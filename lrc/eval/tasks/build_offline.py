@@ -4,7 +4,9 @@
     python -m lrc.eval.tasks.build_offline bigbench-1.0.0.tar.gz
 
 Reads each task's ``task.json`` straight from the archive, keeps a fixed, seeded sample of
-``--per-task`` multiple-choice examples and writes ``lrc/eval/tasks/offline/data/<task>.jsonl``
+``TASKS[task]`` multiple-choice examples (the tasks and sizes chosen by screening, see
+``offline/README.md`` and :mod:`lrc.eval.tasks.screen_bigbench`) and writes
+``lrc/eval/tasks/offline/data/<task>.jsonl``
 with ``{"id", "question", "choices", "label"}`` rows. The output is deterministic, so the
 shipped files can be checked against a rebuild.
 """
@@ -17,7 +19,7 @@ import random
 import tarfile
 from pathlib import Path
 
-TASKS = ("social_iqa", "strategyqa", "winowhy", "physical_intuition")
+TASKS = {"movie_recommendation": 150, "ruin_names": 100}  # task -> examples shipped
 OUT = Path(__file__).parent / "offline" / "data"
 
 
@@ -35,7 +37,7 @@ def rows(task: dict, per_task: int, seed: int) -> list[dict]:
     return out
 
 
-def build(sdist: Path, per_task: int = 250, seed: int = 0, out: Path = OUT) -> dict[str, int]:
+def build(sdist: Path, seed: int = 0, out: Path = OUT) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     with tarfile.open(sdist) as tar:
@@ -47,7 +49,7 @@ def build(sdist: Path, per_task: int = 250, seed: int = 0, out: Path = OUT) -> d
             raise SystemExit(f"{sdist}: no task.json for {missing}")
         for name in TASKS:
             task = json.load(tar.extractfile(members[name]))
-            data = rows(task, per_task, seed)
+            data = rows(task, TASKS[name], seed)
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data)
             (out / f"{name}.jsonl").write_text(text, encoding="utf-8")
             counts[name] = len(data)
@@ -57,10 +59,9 @@ def build(sdist: Path, per_task: int = 250, seed: int = 0, out: Path = OUT) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sdist", type=Path, help="bigbench-1.0.0.tar.gz")
-    parser.add_argument("--per-task", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    for name, n in build(args.sdist, args.per_task, args.seed).items():
+    for name, n in build(args.sdist, args.seed).items():
         print(f"{name}: {n} examples")
 
 

@@ -16,17 +16,9 @@ def _load(name: str, **kwargs):
     return datasets.load_dataset("json", data_files={"test": str(DATA / f"{name}.jsonl")})
 
 
-def social_iqa(**kwargs):
-    return _load("social_iqa")
+def movie_recommendation(**kwargs):
+    return _load("movie_recommendation")
 
 
-def strategyqa(**kwargs):
-    return _load("strategyqa")
-
-
-def winowhy(**kwargs):
-    return _load("winowhy")
-
-
-def physical_intuition(**kwargs):
-    return _load("physical_intuition")
+def ruin_names(**kwargs):
+    return _load("ruin_names")
