@@ -149,7 +149,7 @@ def pairwise(records: list[dict[str, Any]], metrics: tuple[str, ...] = SUMMARIES
         scored = [r for r in done if m in r.get("metrics", {}) and m + STDERR in r["metrics"]]
         for i, a in enumerate(scored):
             for b in scored[i + 1:]:
-                if a["config"].get("ratio") != b["config"].get("ratio"):
+                if a["config"].get("ratio") is None or a["config"].get("ratio") != b["config"].get("ratio"):
                     continue
                 diff, se, mark = difference(a["metrics"][m], a["metrics"][m + STDERR],
                                             b["metrics"][m], b["metrics"][m + STDERR])
@@ -186,7 +186,7 @@ def plot(records: list[dict[str, Any]], out: Path, ranks_of: str | None = None) 
     written = []
     metrics = sorted({m for r in done for m in r.get("metrics", {})})
     for m in [m for m in metrics if m.startswith("ppl/")] + [m for m in metrics if m in SUMMARIES]:
-        dense = next((r["dense_metrics"].get(m) for r in done if r.get("dense_metrics", {}).get(m)), None)
+        dense = next((r["dense_metrics"][m] for r in done if r.get("dense_metrics", {}).get(m) is not None), None)
         fig = plots.metric_vs_ratio(points, m, dense=dense, log_scale=m.startswith("ppl/"), stderr=m + STDERR)
         written.append(_save(fig, out / f"{m.replace('/', '_')}_vs_ratio.png"))
     chosen = (next((r for r in done if ranks_of in r.get("_path", "")), None) if ranks_of is not None

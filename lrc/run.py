@@ -71,8 +71,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                      " (factors merged into dense weights)" if cfg.get("merge") else "")
         path = write_record(output_dir, record)
     for metric, value in outcome.metrics.items():
-        log.info("%s: dense %.4g -> compressed %.4g (x%.2f) at ratio %.2f", metric, outcome.dense_metrics[metric],
-                 value, value / outcome.dense_metrics[metric], spec.ratio)
+        dense = outcome.dense_metrics.get(metric)
+        times = f" (x{value / dense:.2f})" if dense else ""  # chance levels and some stderrs are 0
+        log.info("%s: dense %s -> compressed %.4g%s at ratio %.2f", metric,
+                 "-" if dense is None else f"{dense:.4g}", value, times, spec.ratio)
     log.info("result: %s", path)
     return record
 

@@ -69,12 +69,46 @@ def test_targets_end_pieces_and_follow_the_options():
     assert [e.target for e in cloze_examples([repeated], context_words=6)] == ["dog", "cat"]
 
 
+def test_a_target_is_a_whole_word_never_the_tail_of_a_token():
+    text = ("One two three four five calls object.__eq__(self, other). Then it raises hit_except. "
+            "Six seven eight nine ten said self—revelation. And finally a plain ending word.")
+    assert [e.target for e in cloze_examples([text], context_words=4)] == ["word"]
+    loose = text.replace("(self,", "( self,")  # a word after a space is a word again
+    assert [e.target for e in cloze_examples([loose], context_words=4)] == ["self", "word"]
+
+
+def test_real_text_passages_are_verbatim_and_the_default_suite_builds():
+    from lrc.data.sources import EmbeddedText, PythonDocs
+
+    for source in (EmbeddedText("test"), PythonDocs()):
+        flat = [" ".join(d.split()) for d in source.documents()]
+        examples = cloze_examples(source.documents(), context_words=30, limit=400)
+        assert len(examples) == 400 or source == EmbeddedText("test")
+        for e in examples:  # the scored text is in the source exactly: no part of the answer in the prompt
+            assert any(e.context + " " + e.target in text for text in flat), e
+
+
+def test_cloze_config_errors_name_the_value():
+    from conftest import compose
+
+    from lrc.config.build import build_benchmarks
+
+    with pytest.raises(ConfigError, match="cloze.embedded: source='foo' is not a text source"):
+        build_benchmarks(compose(["benchmark=offline", "benchmark.zeroshot.cloze.embedded.source=foo"]))
+    with pytest.raises(ConfigError, match="boundaries='page'"):
+        build_benchmarks(compose(["benchmark=offline", "benchmark.zeroshot.cloze.embedded.boundaries=page"]))
+    with pytest.raises(ConfigError, match="no clause end with 5000 words"):  # before any model is loaded
+        build_benchmarks(compose(["benchmark=offline", "benchmark.zeroshot.cloze.embedded.context_words=5000"]))
+    kept = build_benchmarks(compose(["benchmark=offline", "benchmark.zeroshot.cloze.pydocs=null"]))[1]
+    assert [c.task_name for c in kept.cloze] == ["lrc_cloze_embedded"]
+
+
 def test_bad_options_are_clear_errors():
     with pytest.raises(ConfigError, match="boundaries='paragraph'"):
         ClozeTask(Text(["x"]), boundaries="paragraph")
     with pytest.raises(ConfigError, match="context_words=0"):
         ClozeTask(Text(["x"]), context_words=0)
-    with pytest.raises(ConfigError, match="no sentence end with 50 words"):
+    with pytest.raises(ConfigError, match="no clause end with 50 words"):
         ClozeTask(Text(["Too short."])).examples()
 
 

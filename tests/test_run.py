@@ -62,6 +62,21 @@ def test_tiny_end_to_end_writes_a_valid_record(tmp_path):
     assert f"result: {tmp_path / 'result.json'}" in proc.stdout
 
 
+def test_offline_zero_shot_run_records_errors_and_chance(tmp_path):
+    """The offline suite end to end: cloze tasks (chance 0, whose ratio to dense is undefined)
+    and multiple choice, every accuracy with its standard error, summaries in the record."""
+    args = [*TINY, "ratio=0.3", "benchmark=offline", "benchmark.zeroshot.limit=4",
+            "benchmark.zeroshot.cloze.pydocs=null", "benchmark.zeroshot.cloze.embedded.context_words=10"]
+    record = run(compose(args), tmp_path)
+    metrics = record["metrics"]
+    assert set(metrics) == set(record["dense_metrics"])
+    assert metrics["lm_eval/lrc_cloze_embedded/chance"] == 0.0 and "lm_eval/lrc_cloze_pydocs/acc" not in metrics
+    assert metrics["lm_eval/lrc_ruin_names/chance"] == 0.25
+    for task in ("lrc_cloze_embedded", "lrc_movie_recommendation", "lrc_ruin_names"):
+        assert 0 <= metrics[f"lm_eval/{task}/acc_stderr"] <= 0.5
+    assert {"lm_eval/mean_acc_above_chance", "lm_eval/mean_acc_above_chance_stderr"} <= set(metrics)
+
+
 def test_same_config_twice_is_identical(tmp_path):
     a = run(compose([*TINY, "factorizer=svdllm"]), tmp_path / "a")
     b = run(compose([*TINY, "factorizer=svdllm"]), tmp_path / "b")

@@ -107,7 +107,8 @@ def test_stderr_chance_and_normalised_accuracy_equal_an_independent_computation(
     assert metrics["lm_eval/mean_acc_stderr"] == pytest.approx((sa**2 + sb**2) ** 0.5 / 2)
     # the normalised summary weighs each task by its examples (30 and 12)
     assert metrics["lm_eval/mean_acc_above_chance"] == pytest.approx((30 * na + 12 * nb) / 42)
-    assert metrics["lm_eval/mean_acc_above_chance_stderr"] == pytest.approx(((30 * sna) ** 2 + (12 * snb) ** 2) ** 0.5 / 42)
+    expected_se = ((30 * sna) ** 2 + (12 * snb) ** 2) ** 0.5 / 42
+    assert metrics["lm_eval/mean_acc_above_chance_stderr"] == pytest.approx(expected_se)
 
 
 def test_unknown_task_is_a_clear_error():

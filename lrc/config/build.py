@@ -96,7 +96,7 @@ def build_benchmarks(cfg: DictConfig) -> list[PerplexityBenchmark | ZeroShotBenc
     if zeroshot:
         opts, nodes = plain(zeroshot), zeroshot.get("cloze") or {}
         opts.pop("cloze", None)
-        cloze = tuple(build_cloze(name, nodes[name]) for name in nodes)
+        cloze = tuple(build_cloze(name, nodes[name]) for name in nodes if nodes[name] is not None)  # null: dropped
         bench = construct(ZeroShotBenchmark, opts, "benchmark.zeroshot", cloze=cloze)
         bench.check()  # unknown task names fail here, before the model is loaded
         benches.append(bench)
@@ -109,8 +109,9 @@ def build_cloze(name: str, node: DictConfig) -> ClozeTask:
     """The cloze task ``benchmark.zeroshot.cloze.<name>`` over its text ``source``."""
     opts = plain(node)
     opts.pop("source", None)
-    if "source" not in node:
-        raise ConfigError(f"benchmark.zeroshot.cloze.{name}: no source given")
+    if not OmegaConf.is_dict(node.get("source")) or "_target_" not in node.source:
+        raise ConfigError(f"benchmark.zeroshot.cloze.{name}: source={node.get('source')!r} is not a text source "
+                          "(a node with _target_, e.g. lrc.data.sources.TextFile and its path)")
     source = build(node.source, f"benchmark.zeroshot.cloze.{name}.source")
     return construct(ClozeTask, opts, f"benchmark.zeroshot.cloze.{name}", name=name, source=source)
 

@@ -31,9 +31,11 @@ from typing import Any
 from lrc.errors import ConfigError
 
 # a piece's end: a word, its closing punctuation (optionally a closing quote), then space or the end
-ENDS = {"sentence": re.compile(r"([A-Za-z][A-Za-z'\-]*)([.!?][\"')\]]?)(?=\s|$)"),
-        "clause": re.compile(r"([A-Za-z][A-Za-z'\-]*)([.!?;:,][\"')\]]?)(?=\s|$)")}
+# (the word starts the text or follows a space: never the tail of a longer token such as a__b)
+ENDS = {"sentence": re.compile(r"(?<!\S)([A-Za-z][A-Za-z'\-]*)([.!?][\"')\]]?)(?=\s|$)"),
+        "clause": re.compile(r"(?<!\S)([A-Za-z][A-Za-z'\-]*)([.!?;:,][\"')\]]?)(?=\s|$)")}
 WORD = re.compile(r"[A-Za-z]+")
+BUILDER_VERSION = 2  # part of describe(), so cached dense metrics of other examples are never reused
 
 
 @dataclass(frozen=True)
@@ -88,15 +90,16 @@ class ClozeTask:
     _examples: list[ClozeExample] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        what = f"benchmark.zeroshot.cloze.{self.name}"
         if not re.fullmatch(r"[A-Za-z0-9_]+", self.name):
             raise ConfigError(f"cloze: name={self.name!r} must be letters, digits and underscores")
         for key in ("context_words", "min_word_chars"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"cloze.{self.name}: {key}={getattr(self, key)!r} must be a positive integer")
+                raise ConfigError(f"{what}: {key}={getattr(self, key)!r} must be a positive integer")
         if self.boundaries not in ENDS:
-            raise ConfigError(f"cloze.{self.name}: boundaries={self.boundaries!r} is not one of {sorted(ENDS)}")
+            raise ConfigError(f"{what}: boundaries={self.boundaries!r} is not one of {sorted(ENDS)}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
-            raise ConfigError(f"cloze.{self.name}: limit={self.limit!r} must be a positive integer or null")
+            raise ConfigError(f"{what}: limit={self.limit!r} must be a positive integer or null")
 
     @property
     def task_name(self) -> str:
@@ -107,13 +110,15 @@ class ClozeTask:
             built = cloze_examples(self.source.documents(), self.context_words, self.min_word_chars,
                                    self.recall, self.limit, self.boundaries)
             if not built:
-                raise ConfigError(f"cloze.{self.name}: the text has no sentence end with {self.context_words} "
-                                  "words of context before it")
+                raise ConfigError(f"benchmark.zeroshot.cloze.{self.name}: the text has no {self.boundaries} end "
+                                  f"with {self.context_words} words of context before it and a target word "
+                                  f"of {self.min_word_chars}+ letters{' seen before' if self.recall else ''}")
             self._examples.extend(built)
         return list(self._examples)
 
     def describe(self) -> dict[str, Any]:
-        return {"task": self.task_name, "source": self.source.describe(), "context_words": self.context_words,
+        return {"task": self.task_name, "builder": BUILDER_VERSION, "source": self.source.describe(),
+                "context_words": self.context_words,
                 "min_word_chars": self.min_word_chars, "recall": self.recall, "boundaries": self.boundaries,
                 "limit": self.limit}
 

@@ -12,8 +12,8 @@ Every task reports ``lm_eval/<task>/<metric>`` with lm-eval's standard error
 ``acc_above_chance`` = (acc - chance) / (1 - chance): 0 at chance, 1 when always right, so
 tasks with different numbers of choices average fairly. The suite's summaries are
 ``lm_eval/mean_acc`` (the plain mean over tasks, as the papers report) and
-``lm_eval/mean_acc_above_chance`` (over all the suite's examples, each task weighted by its
-examples), each with the standard error of a weighted mean of independent estimates.
+``lm_eval/mean_acc_above_chance`` (the tasks' accuracies above chance, each task weighted
+by its examples), each with the standard error of a weighted mean of independent estimates.
 """
 
 from __future__ import annotations
@@ -83,7 +83,10 @@ class ZeroShotBenchmark:
         return task_manager(self.include_path)
 
     def check(self) -> None:
-        """Raise a ConfigError naming every task lm-eval does not know (no model needed)."""
+        """Raise a ConfigError naming every task lm-eval does not know, or a cloze text with no
+        example (no model needed)."""
+        for cloze in self.cloze:
+            cloze.examples()
         if not self.tasks:
             return
         known = set(self.registry().all_tasks)
@@ -148,11 +151,14 @@ def flatten(results: dict[str, dict[str, Any]], groups: set[str] = frozenset(),
     over the tasks (group aggregates excluded), each with its ``_stderr`` where every task has one:
 
     * ``lm_eval/mean_acc``: the plain mean of the tasks' accuracies (the papers' "average");
-    * ``lm_eval/mean_acc_above_chance`` (with chances): every example's score above chance,
-      (correct - chance) / (1 - chance), averaged over all the suite's examples, i.e. the tasks'
-      ``acc_above_chance`` weighted by their ``sizes`` (examples; equal weights without sizes),
-      as lm-eval's size-weighted groups do. Its standard error, sqrt(sum w_i² se_i²), is the
-      smallest a suite of these examples allows: a task with more examples says more.
+    * ``lm_eval/mean_acc_above_chance`` (with chances): the tasks' ``acc_above_chance`` (each
+      normalised by its task's mean chance) weighted by their ``sizes`` (examples; equal
+      weights without sizes), as lm-eval's size-weighted groups do, so a task with more
+      examples counts more; standard error sqrt(sum (w_i se_i)²) / sum w_i.
+
+    Chance is taken per task as the mean of 1 / choices; it assumes one gold answer, one
+    request per choice and one filter (lm-eval's ``acc_mutual_info`` doubles the requests and
+    would halve it; lrc's tasks use none of these).
     """
     chances, sizes = chances or {}, sizes or {}
     metrics: dict[str, float] = {}
@@ -168,7 +174,7 @@ def flatten(results: dict[str, dict[str, Any]], groups: set[str] = frozenset(),
             continue
         se = float(se) if isinstance(se, (int, float)) else None
         plain.append((float(acc), se))
-        if task in chances:
+        if task in chances and chances[task] < 1.0:
             c = chances[task]
             value, value_se = (acc - c) / (1.0 - c), se / (1.0 - c) if se is not None else None
             metrics[f"lm_eval/{task}/chance"] = c
