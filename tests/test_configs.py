@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 from lrc.allocators.base import Validation
 from lrc.allocators.keep_dense import KeepDense
 from lrc.config.build import build, build_allocator, build_benchmarks, build_calibration
+from lrc.data.sources import EmbeddedText
+from lrc.errors import DataError
 
 GROUPS = ["model", "calibration", "allocator", "factorizer", "benchmark", "logger"]
 REQUIRED = {("calibration", "textfile"): ["calibration.path=/tmp/x.txt"],
@@ -94,8 +96,15 @@ def test_calibrations_instantiate(option, tmp_path):
 
 
 @pytest.mark.parametrize("option", options("benchmark"))
-def test_benchmarks_instantiate(option):
-    cfg = compose([f"benchmark={option}", *REQUIRED.get(("benchmark", option), [])])
+def test_benchmarks_instantiate(option, tmp_path):
+    required = REQUIRED.get(("benchmark", option), [])
+    if option == "textfile":  # its cloze task reads the file when built: a missing one fails before any model
+        with pytest.raises(DataError, match="x.txt"):
+            build_benchmarks(compose([f"benchmark={option}", *required]))
+        text = tmp_path / "notes.txt"
+        text.write_text(EmbeddedText("test").text())
+        required = [f"benchmark.path={text}"]
+    cfg = compose([f"benchmark={option}", *required])
     assert [b.name for b in build_benchmarks(cfg)]
 
 

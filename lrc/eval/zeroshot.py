@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -61,7 +61,7 @@ class ZeroShotBenchmark:
     include_path: tuple[str, ...] = field(default=())  # extra folders of lm-eval task YAMLs
     samples: bool = False  # keep every scored example (logged to W&B as one table per task)
     cloze: tuple[ClozeTask, ...] = ()
-    name: str = "zeroshot"
+    name: ClassVar[str] = "zeroshot"
     _tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
