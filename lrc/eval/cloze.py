@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrc.errors import ConfigError
+from lrc.eval.tasks import in_memory_task
 
 # a piece's end: a word, its closing punctuation (optionally a closing quote), then space or the end
 # (the word starts the text or follows a space: never the tail of a longer token such as a__b)
@@ -124,18 +125,9 @@ class ClozeTask:
 
     def lm_eval_task(self) -> Any:
         """This task as an lm-eval ConfigurableTask (its dataset built in memory)."""
-        import datasets
-        from lm_eval.api.task import ConfigurableTask
-
-        rows = [{"context": e.context, "target": e.target} for e in self.examples()]
-
-        def dataset(**kwargs: Any) -> datasets.DatasetDict:
-            return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
-
         mean = {"aggregation": "mean", "higher_is_better": True}
-        return ConfigurableTask(config={
-            "task": self.task_name, "custom_dataset": dataset, "test_split": "test",
-            "output_type": "loglikelihood", "doc_to_text": "{{context}}", "doc_to_target": "{{' ' + target}}",
-            "process_results": process_results,
-            "metric_list": [{"metric": "acc", **mean}, {"metric": "word_logprob", **mean}],
-            "metadata": {"version": 1.0}})
+        return in_memory_task(
+            [{"context": e.context, "target": e.target} for e in self.examples()], task=self.task_name,
+            output_type="loglikelihood", doc_to_text="{{context}}", doc_to_target="{{' ' + target}}",
+            process_results=process_results,
+            metric_list=[{"metric": "acc", **mean}, {"metric": "word_logprob", **mean}])

@@ -23,9 +23,15 @@ TASKS = {"movie_recommendation": 150, "ruin_names": 100}  # task -> examples shi
 OUT = Path(__file__).parent / "offline" / "data"
 
 
+def single_answer(task: dict) -> list[dict]:
+    """The task's multiple-choice examples with exactly one right answer."""
+    return [e for e in task.get("examples", []) if "target_scores" in e
+            and sum(1 for v in e["target_scores"].values() if v == 1) == 1]
+
+
 def rows(task: dict, per_task: int, seed: int) -> list[dict]:
     prefix = task.get("task_prefix", "")
-    examples = [e for e in task["examples"] if sum(1 for v in e["target_scores"].values() if v == 1) == 1]
+    examples = single_answer(task)
     chosen = sorted(random.Random(seed).sample(range(len(examples)), min(per_task, len(examples))))
     out = []
     for i in chosen:

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lrc.eval.tasks.build_offline import rows
+from lrc.eval.tasks import in_memory_task
+from lrc.eval.tasks.build_offline import rows, single_answer
 
 NOT_ENGLISH = frozenset({"kannada", "parsinlu_qa", "hinglish_toxicity", "entailed_polarity_hindi",
                          "cryobiology_spanish", "misconceptions_russian", "persian_idioms",
@@ -43,8 +44,7 @@ def candidates(sdist: Path, min_examples: int, max_choices: float, max_chars: fl
                 task = json.load(tar.extractfile(member))
             except (ValueError, UnicodeDecodeError):
                 continue
-            single = [e for e in task.get("examples", []) if "target_scores" in e
-                      and sum(1 for v in e["target_scores"].values() if v == 1) == 1]
+            single = single_answer(task)
             if len(single) < min_examples:
                 continue
             choices = sum(len(e["target_scores"]) for e in single) / len(single)
@@ -57,18 +57,10 @@ def candidates(sdist: Path, min_examples: int, max_choices: float, max_chars: fl
 
 def mc_task(name: str, data: list[dict]) -> Any:
     """An in-memory lm-eval multiple-choice task with the offline suite's prompt."""
-    import datasets
-    from lm_eval.api.task import ConfigurableTask
-
-    def dataset(**kwargs: Any) -> datasets.DatasetDict:
-        return datasets.DatasetDict({"test": datasets.Dataset.from_list(data)})
-
-    return ConfigurableTask(config={
-        "task": f"screen_{name}", "custom_dataset": dataset, "test_split": "test",
-        "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
-        "doc_to_choice": "{{choices}}", "doc_to_target": "label",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": 1.0}})
+    return in_memory_task(data, task=f"screen_{name}", output_type="multiple_choice",
+                          doc_to_text="Question: {{question}}\nAnswer:", doc_to_choice="{{choices}}",
+                          doc_to_target="label",
+                          metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}])
 
 
 def main() -> None:
@@ -106,8 +98,7 @@ def main() -> None:
         c = chance(out["samples"][f"screen_{name}"], "multiple_choice")
         acc, se = result["acc,none"], result["acc_stderr,none"]
         z = (acc - c) / se if se else 0.0
-        single = sum(1 for e in task["examples"] if "target_scores" in e
-                     and sum(1 for v in e["target_scores"].values() if v == 1) == 1)
+        single = len(single_answer(task))
         row = {"task": name, "examples": single, "choices": sum(len(d["choices"]) for d in data) / len(data),
                "chance": c, "acc": acc, "stderr": se, "z": z, "kept": z >= args.keep_z,
                "seconds": time.perf_counter() - start}
