@@ -145,3 +145,76 @@ def test_validation_windows_come_from_the_validation_source(tmp_path):
     assert plain.validation_windows(tok, 3, 64).shape == (3, 64)  # held-out tiles of the same text
     with pytest.raises(ConfigError, match="need calibration.validation"):
         Calibration(TextFile(str(path)), nsamples=2, seqlen=64, sampling="documents").validation_windows(tok, 3, 64)
+
+
+def alphabet_file(tmp_path, name: str, alphabet: str, n: int = 4000, seed: int = 0) -> TextFile:
+    """A text whose every byte comes from ``alphabet`` (so a window's source is visible)."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(alphabet), (n,), generator=gen).tolist()
+    path = tmp_path / f"{name}.txt"
+    path.write_text("".join(alphabet[i] for i in picks))
+    return TextFile(str(path))
+
+
+def source_of(window: torch.Tensor) -> str:
+    chars = set(byte_tokenizer().decode(window.tolist()))
+    return "letters" if chars <= set("abcdefgh") else "digits" if chars <= set("0123456789") else "mixed"
+
+
+def test_mixture_honours_weights_and_interleaves(tmp_path):
+    from lrc.data.mixture import Mixture
+
+    tok = byte_tokenizer()
+    mix = Mixture({"letters": alphabet_file(tmp_path, "l", "abcdefgh"),
+                   "digits": alphabet_file(tmp_path, "d", "0123456789")}, weights={"letters": 3, "digits": 1})
+    windows = Calibration(mix, nsamples=10, seqlen=32, seed=5).windows(tok)
+    origin = [source_of(w) for w in windows]
+    assert origin.count("letters") == 8 and origin.count("digits") == 2  # 7.5 / 2.5: the tie goes to the first
+    assert origin == ["letters"] * 2 + ["digits"] + ["letters"] * 4 + ["digits"] + ["letters"] * 2  # spread out
+    assert mix.counts(16) == {"letters": 12, "digits": 4}
+    assert sum(Mixture(mix.components, {"letters": 1, "digits": 1e-9}).counts(7).values()) == 7
+
+
+def test_mixture_windows_are_deterministic_and_each_component_draws_alone(tmp_path):
+    from lrc.data.mixture import Mixture
+
+    tok = byte_tokenizer()
+    letters, digits = alphabet_file(tmp_path, "l", "abcdefgh"), alphabet_file(tmp_path, "d", "0123456789")
+    mix = Mixture({"letters": letters, "digits": digits})
+    a = Calibration(mix, nsamples=6, seqlen=32, seed=1).windows(tok)
+    assert torch.equal(a, Calibration(mix, nsamples=6, seqlen=32, seed=1).windows(tok))
+    assert not torch.equal(a, Calibration(mix, nsamples=6, seqlen=32, seed=2).windows(tok))
+    # component i's windows are those it gives alone with seed + i, whatever else is mixed in
+    alone = Calibration(digits, nsamples=3, seqlen=32, seed=1 + 1).windows(tok)
+    assert torch.equal(torch.stack([w for w in a if source_of(w) == "digits"]), alone)
+    assert mix.describe()["weights"] == {"letters": 1.0, "digits": 1.0}
+
+
+@pytest.mark.parametrize("weights, match", [({"letters": 1}, "weights name"), ({"letters": 1, "digits": -1},
+                                            "digits=-1"), ({"letters": 1, "digits": "x"}, "digits='x'")])
+def test_mixture_bad_weights_are_clear(tmp_path, weights, match):
+    from lrc.data.mixture import Mixture
+
+    with pytest.raises(ConfigError, match=match):
+        Mixture({"letters": alphabet_file(tmp_path, "l", "ab"), "digits": alphabet_file(tmp_path, "d", "01")}, weights)
+
+
+def test_mixture_needs_an_explicit_validation_source(tmp_path):
+    from lrc.data.mixture import Mixture
+
+    tok = byte_tokenizer()
+    mix = Mixture({"letters": alphabet_file(tmp_path, "l", "abcdefgh")})
+    with pytest.raises(ConfigError, match="calibration.validation"):
+        Calibration(mix, nsamples=2, seqlen=32).validation_windows(tok, 2, 32)
+    held_out = Mixture({"digits": alphabet_file(tmp_path, "d", "0123456789")})
+    scored = Calibration(mix, nsamples=2, seqlen=32, validation=held_out).validation_windows(tok, 2, 32)
+    assert [source_of(w) for w in scored] == ["digits", "digits"]
+
+
+def test_text_folder_pattern_reads_each_file_once(tmp_path):
+    (tmp_path / "GPL-3").write_text("three")
+    (tmp_path / "Apache").write_text("apache")
+    (tmp_path / "GPL").symlink_to(tmp_path / "GPL-3")
+    assert TextFile(str(tmp_path), pattern="*").text() == "apache\n\nthree"
+    with pytest.raises(DataError, match="no files matching '\\*.txt'"):
+        TextFile(str(tmp_path)).text()

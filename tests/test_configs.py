@@ -19,6 +19,7 @@ from lrc.errors import DataError
 
 GROUPS = ["model", "calibration", "allocator", "factorizer", "benchmark", "logger"]
 REQUIRED = {("calibration", "textfile"): ["calibration.path=/tmp/x.txt"],
+            ("calibration", "mixed"): ["calibration.path=/tmp/x.txt"],
             ("benchmark", "textfile"): ["benchmark.path=/tmp/x.txt"],
             ("model", "hf"): ["model.load.name_or_path=Qwen/Qwen2.5-0.5B"]}
 
@@ -51,7 +52,8 @@ def test_config_composes_and_targets_bind(group, option):
         consumed = {"name", "keep_dense"} if path == "allocator" else {"name"}  # read by lrc.run, not passed on
         kwargs = {k: v for k, v in node.items() if not k.startswith("_") and k not in consumed}
         if path in ("model", "calibration.source", "benchmark") or path.endswith(".source"):
-            kwargs = OmegaConf.to_container(OmegaConf.create(kwargs), resolve=True)
+            kwargs = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v  # in place:
+                      for k, v in kwargs.items()}  # interpolations resolve against the whole config
         signature = inspect.signature(target)
         # every option is a real parameter (a _partial_ node gets the rest at run time)
         (signature.bind_partial if node.get("_partial_") else signature.bind)(**kwargs)
@@ -93,6 +95,21 @@ def test_calibrations_instantiate(option, tmp_path):
     cfg = compose([f"calibration={option}", *REQUIRED.get(("calibration", option), [])])
     calib = build_calibration(cfg)
     assert calib.nsamples >= 1 and calib.seqlen >= 2
+
+
+def test_mixed_calibration_draws_from_both_texts_by_weight(tmp_path):
+    from lrc.data.mixture import Mixture
+    from lrc.model.loading import byte_tokenizer
+
+    (tmp_path / "LICENSE").write_text("0123456789" * 400)
+    cfg = compose(["calibration=mixed", f"calibration.path={tmp_path}", "calibration.pattern=*",
+                   "calibration.text_weight=3", "calibration.nsamples=8", "calibration.seqlen=16"])
+    calib = build_calibration(cfg)
+    assert isinstance(calib.source, Mixture) and calib.source.counts(8) == {"embedded": 2, "text": 6}
+    tok = byte_tokenizer()
+    digits = [set(tok.decode(w.tolist())) <= set("0123456789") for w in calib.windows(tok)]
+    assert sum(digits) == 6
+    assert calib.validation_windows(tok, 2, 16).shape == (2, 16)  # the embedded validation split
 
 
 @pytest.mark.parametrize("option", options("benchmark"))

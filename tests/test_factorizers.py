@@ -14,6 +14,7 @@ from lrc.factorizers.svd import PlainSVD
 from lrc.factorizers.svdllm import SVDLLM
 from lrc.stats.types import InputStatistics
 
+SHRINKAGE = 0.4  # the *-shrunk cases: G_λ = (1 - λ) G + λ diag(G)
 FACTORIZERS = {
     "svd": lambda: PlainSVD(),
     "svdllm-cholesky": lambda: SVDLLM(whitening="cholesky"),
@@ -23,6 +24,8 @@ FACTORIZERS = {
     "feature_pca": lambda: FeaturePCA(pooled=False),
     "feature_pca-pooled": lambda: FeaturePCA(pooled=True, groups=4),
     "ressvd": lambda: ResSVD(),
+    "svdllm-shrunk": lambda: SVDLLM(whitening="eigh", shrinkage=SHRINKAGE),
+    "feature_pca-shrunk": lambda: FeaturePCA(pooled=False, shrinkage=SHRINKAGE),
 }
 # where theory says the loss of a rank-r truncation is the sum of discarded squared spectrum values
 EXACT_SPECTRUM = [n for n in FACTORIZERS if n != "ressvd"]
@@ -52,9 +55,20 @@ def stats_of(X: torch.Tensor, m: int | None = None) -> InputStatistics:
                            pooled_cov=pooled_by_hand(X, 4) if X.shape[0] >= 8 else None, fisher=fisher)
 
 
+def shrunk_by_hand(C: torch.Tensor) -> torch.Tensor:
+    """(1 - λ) C + λ diag(C), entry by entry."""
+    n = C.shape[0]
+    return torch.tensor([[C[i, j] if i == j else (1 - SHRINKAGE) * C[i, j] for j in range(n)] for i in range(n)],
+                        dtype=C.dtype)
+
+
 def loss(name: str, W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
     """The objective each factorizer's spectrum is measured in, computed from scratch."""
     diff = W - W_hat
+    if name == "svdllm-shrunk":
+        return float(torch.trace(diff @ shrunk_by_hand(X.T @ X) @ diff.T))
+    if name == "feature_pca-shrunk":
+        return float(torch.trace(diff @ shrunk_by_hand(torch.cov(X.T)) @ diff.T))
     if name == "svd":
         return float((diff ** 2).sum())
     if name == "asvd":
@@ -244,6 +258,9 @@ def test_feature_pca_bias_keeps_the_output_mean(rng):
     (lambda: ResSVD(stage2="fisher"), "stage2='fisher'"),
     (lambda: FeaturePCA(groups=0), "groups=0"),
     (lambda: FWSVD(floor=2.0), "floor=2.0"),
+    (lambda: SVDLLM(shrinkage=1.5), "shrinkage=1.5"),
+    (lambda: FeaturePCA(shrinkage=-0.1), "shrinkage=-0.1"),
+    (lambda: ResSVD(shrinkage="all"), "shrinkage='all'"),
 ])
 def test_bad_method_options_are_clear_errors(factory, match):
     with pytest.raises(ConfigError, match=match):
@@ -255,3 +272,31 @@ def test_describe_is_plain_data_that_identifies_the_options():
     assert ResSVD().describe() == ResSVD().describe()
     assert "object at 0x" not in json.dumps(ResSVD().describe())
     assert ResSVD(beta=0.1).describe() != ResSVD().describe()
+
+
+def test_full_shrinkage_is_per_channel_scaling(rng):
+    """λ = 1 keeps only each input channel's energy: the optimum of ||(W - W') D||_F with
+    D = diag(sqrt(G_ii)), i.e. the plain SVD of W D mapped back (a scaling-only method, as ASVD's)."""
+    W = torch.randn(12, 20, generator=rng, dtype=torch.float64)
+    X = correlated_inputs(20, 200, rng)
+    D = torch.diag((X ** 2).sum(0).sqrt())
+    dec = SVDLLM(whitening="eigh", shrinkage=1.0).decompose(W, stats_of(X))
+    U, s, Vh = torch.linalg.svd(W @ D, full_matrices=False)
+    for rank in (3, 8):
+        B, A = dec.factors(rank)
+        torch.testing.assert_close(B @ A, U[:, :rank] @ (U[:, :rank].T @ W), rtol=1e-9, atol=1e-9)
+        assert dec.truncation_error(rank) == pytest.approx(float((s[rank:] ** 2).sum()), rel=1e-9)
+
+
+def test_shrinkage_trades_calibration_fit_monotonically(rng):
+    """More shrinkage: a worse fit to the calibration inputs (the λ = 0 plan is their optimum),
+    a better fit in the plain weight metric."""
+    W = torch.randn(24, 24, generator=rng, dtype=torch.float64)
+    X = correlated_inputs(24, 300, rng)
+    on_data, on_weight = [], []
+    for lam in (0.0, 0.3, 1.0):
+        B, A = SVDLLM(whitening="eigh", shrinkage=lam).decompose(W, stats_of(X)).factors(8)
+        on_data.append(loss("svdllm-eigh", W, B @ A, X))
+        on_weight.append(loss("svd", W, B @ A, X))
+    assert on_data[0] < on_data[1] < on_data[2]
+    assert on_weight[0] > on_weight[2]

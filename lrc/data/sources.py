@@ -85,19 +85,25 @@ class EmbeddedText:
 
 @dataclass(frozen=True)
 class TextFile:
-    """A UTF-8 text file, or every ``*.txt`` file of a folder (sorted, one document each)."""
+    """A UTF-8 text file, or every file of a folder matching ``pattern`` (sorted, one document
+    each; a file reached twice through links is read once)."""
 
     path: str
+    pattern: str = "*.txt"
 
     def _files(self) -> list[Path]:
         path = Path(self.path).expanduser()
         if path.is_file():
             return [path]
         if path.is_dir():
-            files = sorted(path.rglob("*.txt"))
+            files, seen = [], set()
+            for f in sorted(path.rglob(self.pattern)):
+                if f.is_file() and f.resolve() not in seen:
+                    seen.add(f.resolve())
+                    files.append(f)
             if files:
                 return files
-            raise DataError(f"text folder {self.path!r} contains no *.txt files")
+            raise DataError(f"text folder {self.path!r} contains no files matching {self.pattern!r}")
         raise DataError(f"text path {self.path!r} does not exist")
 
     def documents(self) -> list[str]:

@@ -69,9 +69,14 @@ def _check_sizes(nsamples: int, seqlen: int) -> None:
 
 def calibration_windows(source: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int,
                         sampling: str = "stream") -> torch.Tensor:
-    """Token windows (nsamples x seqlen) drawn deterministically from ``source``."""
+    """Token windows (nsamples x seqlen) drawn deterministically from ``source`` (a mixture of
+    sources draws each component's share from it alone: :mod:`lrc.data.mixture`)."""
     if sampling not in SAMPLING:
         raise ConfigError(f"sampling={sampling!r} is not one of {SAMPLING}")
+    if hasattr(source, "windows"):
+        _check_sizes(nsamples, seqlen)
+        return source.windows(lambda part, n, part_seed: calibration_windows(part, tokenizer, n, seqlen, part_seed,
+                                                                              sampling), nsamples, seed)
     if sampling == "documents":
         return sample_document_windows(source.documents(), tokenizer, nsamples, seqlen, seed)
     return sample_windows(tokenize(tokenizer, source.text()), nsamples, seqlen, seed)

@@ -160,3 +160,25 @@ def require(stats: InputStatistics | None, field_name: str, size: int, who: str)
 
 def require_gram(stats: InputStatistics | None, n: int, who: str) -> torch.Tensor:
     return require(stats, "gram", n, who)
+
+
+def check_shrinkage(value: float) -> float:
+    """A shrinkage weight must lie in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"shrinkage={value!r} must be a number in [0, 1] (0: the calibration matrix as measured)")
+    return float(value)
+
+
+def shrink_to_diagonal(matrix: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """G_λ = (1 - λ) G + λ diag(G): the input's second moments kept, its correlations damped.
+
+    λ = 0 is the calibration matrix as measured (the data-aware optimum on the calibration
+    text); λ = 1 keeps only each channel's energy (a per-channel scaling, as ASVD's). In between
+    trades fit to the calibration text for robustness on other text (Ledoit-Wolf-style
+    shrinkage towards the diagonal target). G_λ is positive semi-definite whenever G is.
+    """
+    if shrinkage == 0.0:
+        return matrix
+    shrunk = matrix * (1.0 - shrinkage)
+    torch.diagonal(shrunk).copy_(torch.diagonal(matrix))
+    return shrunk

@@ -14,7 +14,8 @@ are the left singular vectors and singular values of W R, computed by the factor
 (the eigh route takes the smaller side: (W R)(W R)ᵀ = C_y when m <= n, Rᵀ Wᵀ W R when m > n).
 ``pooled`` (the paper's) uses the pooled covariance over ``groups`` contiguous groups of
 calibration tokens (the mean of per-group sample covariances); ``pooled: false`` uses the
-plain sample covariance.
+plain sample covariance. ``shrinkage`` λ uses C_λ = (1 - λ) C_x + λ diag(C_x) instead
+(:func:`~lrc.factorizers.base.shrink_to_diagonal`).
 """
 
 from __future__ import annotations
@@ -22,18 +23,19 @@ from __future__ import annotations
 import torch
 
 from lrc.errors import ConfigError
-from lrc.factorizers.base import Decomposition, Factorizer, require
+from lrc.factorizers.base import Decomposition, Factorizer, check_shrinkage, require, shrink_to_diagonal
 from lrc.factorizers.spectral import left_singular
 from lrc.stats.types import InputStatistics
 
 
 class FeaturePCA(Factorizer):
     def __init__(self, pooled: bool = True, groups: int = 32, compute_dtype: str = "float64",
-                 route: str = "eigh") -> None:
+                 route: str = "eigh", shrinkage: float = 0.0) -> None:
         super().__init__(compute_dtype, route)
         if not isinstance(groups, int) or groups < 1:
             raise ConfigError(f"groups={groups!r} must be a positive integer")
         self.pooled, self.groups = bool(pooled), groups
+        self.shrinkage = check_shrinkage(shrinkage)
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
@@ -52,9 +54,10 @@ class FeaturePCA(Factorizer):
 
     def covariance_root(self, stats: InputStatistics, W: torch.Tensor) -> torch.Tensor:
         """R with R Rᵀ = C_x (in W's dtype), computed once per input through ``stats.derived``."""
-        key = f"covariance_root:{self.pooled}:{self.groups}:{W.dtype}:{W.device}"
+        key = f"covariance_root:{self.pooled}:{self.groups}:{self.shrinkage}:{W.dtype}:{W.device}"
         if key not in stats.derived:
             Cx = self.input_covariance(stats, W.shape[1]).to(device=W.device, dtype=torch.float64)
+            Cx = shrink_to_diagonal(Cx, self.shrinkage)
             evals, Q = torch.linalg.eigh((Cx + Cx.T) / 2)
             stats.derived[key] = (Q * evals.clamp(min=0).sqrt()).to(W.dtype)
         return stats.derived[key]

@@ -66,7 +66,7 @@ class ResidualDecomposition(Decomposition):
 class ResSVD(Factorizer):
     def __init__(self, beta: float = 0.05, stage1: str = "whitened", stage2: str = "plain",
                  whitening: str = "cholesky", damping: float = 0.0, compute_dtype: str = "float64",
-                 route: str = "eigh") -> None:
+                 route: str = "eigh", shrinkage: float = 0.0) -> None:
         super().__init__(compute_dtype, route)
         if not isinstance(beta, (int, float)) or not 0 <= beta < 1:
             raise ConfigError(f"beta={beta!r} must be in [0, 1) (ResSVD's residual rank fraction; paper: 0.05)")
@@ -74,7 +74,7 @@ class ResSVD(Factorizer):
             if value not in METRICS:
                 raise ConfigError(f"{key}={value!r} is not one of {METRICS}")
         self.beta, self.stage1, self.stage2 = float(beta), stage1, stage2
-        self.whitener = SVDLLM(whitening=whitening, damping=damping, compute_dtype=compute_dtype)
+        self.whitener = SVDLLM(whitening=whitening, damping=damping, compute_dtype=compute_dtype, shrinkage=shrinkage)
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]

@@ -18,6 +18,10 @@ The whitening factor S comes from either route (option ``whitening``):
   mean(diag G) (negative round-off eigenvalues are clamped to that floor).
 
 Every damping applied is recorded in the decomposition's ``diagnostics``.
+
+``shrinkage`` λ whitens with G_λ = (1 - λ) G + λ diag(G) instead of G
+(:func:`~lrc.factorizers.base.shrink_to_diagonal`): the truncation is then optimal for
+||(W - W') S_λ||_F, which fits the calibration text less and other text better (issue 18).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 import torch
 
 from lrc.errors import ConfigError, NumericalError
-from lrc.factorizers.base import Decomposition, Factorizer, require_gram
+from lrc.factorizers.base import Decomposition, Factorizer, check_shrinkage, require_gram, shrink_to_diagonal
 from lrc.stats.types import InputStatistics
 
 ROUTES = ("cholesky", "eigh")
@@ -37,7 +41,8 @@ class SVDLLM(Factorizer):
     needs = frozenset({"gram"})
 
     def __init__(self, whitening: str = "cholesky", damping: float = 0.0, first_damping: float = 1e-10,
-                 max_damping: float = 1.0, compute_dtype: str = "float64", route: str = "eigh") -> None:
+                 max_damping: float = 1.0, compute_dtype: str = "float64", route: str = "eigh",
+                 shrinkage: float = 0.0) -> None:
         super().__init__(compute_dtype, route)
         if whitening not in ROUTES:
             raise ConfigError(f"whitening={whitening!r} is not one of {ROUTES}")
@@ -48,6 +53,7 @@ class SVDLLM(Factorizer):
             raise ConfigError(f"first_damping={first_damping} must be in (0, max_damping={max_damping}]")
         self.whitening, self.damping = whitening, float(damping)
         self.first_damping, self.max_damping = float(first_damping), float(max_damping)
+        self.shrinkage = check_shrinkage(shrinkage)
 
     def decompose(self, weight: torch.Tensor, stats: InputStatistics | None = None,
                   max_rank: int | None = None) -> Decomposition:
@@ -59,9 +65,10 @@ class SVDLLM(Factorizer):
         """S for this input (in W's dtype), computed once and shared by q/k/v (gate/up) through
         ``stats.derived``. The factorization of G is always float64, as the damping rules need."""
         G = require_gram(stats, W.shape[1], "whitening")
-        key = f"whitening:{self.whitening}:{self.damping}:{self.first_damping}:{W.dtype}:{W.device}"
+        key = f"whitening:{self.whitening}:{self.damping}:{self.first_damping}:{self.shrinkage}:{W.dtype}:{W.device}"
         if key not in stats.derived:
-            S, diagnostics = self.whitening_factor(G.to(device=W.device, dtype=torch.float64))
+            G = shrink_to_diagonal(G.to(device=W.device, dtype=torch.float64), self.shrinkage)
+            S, diagnostics = self.whitening_factor(G)
             stats.derived[key] = S.to(W.dtype), diagnostics
         return stats.derived[key]
 
