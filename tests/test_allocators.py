@@ -8,6 +8,7 @@ import torch
 from lrc.allocators.asvd_search import ASVDSensitivity, kept_rank
 from lrc.allocators.base import AllocationContext, MatrixInfo, Score, Validation
 from lrc.allocators.bayes import Bayes, window_rank
+from lrc.allocators.composite import Composite
 from lrc.allocators.energy import Energy
 from lrc.allocators.fitting import energy_curve, meet_budget, project_ratios, ratio_priority
 from lrc.allocators.keep_dense import KeepDense
@@ -68,6 +69,11 @@ ALLOCATORS = {
                      lambda mats, gen: AllocationContext(score=lost_energy(mats))),
     "keep_dense_mgaa": (lambda: KeepDense(MGAA(), ["v_proj"]),
                         lambda mats, gen: AllocationContext(sublayer_cosine=cosines(mats, gen))),
+    "composite_importance_energy": (lambda: Composite(blocks="importance", within="energy", scale=1.0),
+                                    lambda mats, gen: AllocationContext(sublayer_cosine=cosines(mats, gen))),
+    "composite_last_search": (lambda: Composite(blocks="last", search_trials=4, projection_offsets=True),
+                              lambda mats, gen: AllocationContext(sublayer_cosine=cosines(mats, gen),
+                                                                  score=lost_energy(mats))),
     "keep_dense_bayes": (lambda: KeepDense(Bayes(n_trials=4, startup_trials=2, sampler="tpe",
                                                  groups=[["q_proj", "k_proj"], ["o_proj"], ["gate_proj", "up_proj"],
                                                          ["down_proj"]]), ["v_proj"]),
@@ -466,3 +472,93 @@ def test_validation_objectives():
         pytest.approx(20.0 + 1e-3 * 0.5 * 100)
     assert Validation(kl_weight=2.0, objective="log").score(math.e ** 3 - 0.5, 0.25).objective == pytest.approx(3.0)
     assert Validation(seqlen=100, kl_reduction="window_sum").score(5.0, 0.5, window_length=10).kl == 5.0
+
+
+# ---------------------------------------------------------------- composite
+
+def with_cosines(mats, gen, score=None):
+    return AllocationContext(sublayer_cosine=cosines(mats, gen), score=score)
+
+
+@pytest.mark.parametrize("inner", ["energy", "uniform"])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_composite_over_all_blocks_is_mgaa(inner, ratio, rng):
+    mats = matrices(rng)
+    budget = Budget({m.name: m.shape for m in mats}, ratio)
+    context = with_cosines(mats, torch.Generator().manual_seed(1))
+    mgaa = MGAA(scale=0.7, residual=False, inner=inner)
+    composite = Composite(blocks="all", between="similarity", scale=0.7, residual=False, within=inner)
+    assert composite.allocate(mats, budget, context) == mgaa.allocate(mats, budget, context)
+    assert composite.report["sublayer_ratio"] == mgaa.report["sublayer_ratio"]
+
+
+@pytest.mark.parametrize("k", [3, 5, None])
+def test_composite_over_the_last_blocks_is_ressvd(k, rng):
+    mats = matrices(rng)
+    budget = Budget({m.name: m.shape for m in mats}, 0.3)
+    context = AllocationContext(score=lost_energy(mats))
+    plc = ResSVDPLC(k=k if k is not None else "search")
+    composite = Composite(blocks="last", k=k, between="uniform", within="uniform")
+    assert composite.needs == frozenset()
+    plan = composite.allocate(mats, budget, context)
+    assert plan == plc.allocate(mats, budget, context)
+    assert composite.report["knobs"]["k"] == plc.report["k"]
+    dense_blocks = [b for b, r in composite.report["block_ratio"].items() if r == 0.0]
+    assert len(dense_blocks) == BLOCKS - plc.report["k"]
+
+
+def test_composite_block_importance_compresses_unchanging_blocks_more(rng):
+    mats = matrices(rng)
+    budget = Budget({m.name: m.shape for m in mats}, 0.3)
+    # block b's sublayers change their input less (higher similarity) the deeper the block
+    cosine = {(m.block, m.sublayer): (0.1 * m.block, 0.5 + 0.05 * m.block) for m in mats}
+    allocator = Composite(blocks="importance", block_scale=0.5, between="uniform", within="uniform")
+    plan = allocator.allocate(mats, budget, AllocationContext(sublayer_cosine=cosine))
+    ratios = [allocator.report["block_ratio"][str(b)] for b in range(BLOCKS)]
+    assert ratios == sorted(ratios) and ratios[0] < 0.3 < ratios[-1]
+    kept = [sum(stored_params(m.shape, plan[m.name]) for m in mats if m.block == b) for b in range(BLOCKS)]
+    assert kept == sorted(kept, reverse=True)
+    flat = Composite(blocks="importance", block_scale=0.0, between="uniform")
+    assert flat.allocate(mats, budget, AllocationContext(sublayer_cosine=cosine)) == \
+        Composite(blocks="all", between="uniform").allocate(mats, budget)
+
+
+def test_composite_search_never_returns_worse_than_its_first_trial(rng):
+    mats = matrices(rng)
+    budget = Budget({m.name: m.shape for m in mats}, 0.4)
+    scored = []
+    base = lost_energy(mats)
+
+    def score(plan, **info):
+        result = base(plan)
+        scored.append((result.objective, info))
+        return result
+
+    allocator = Composite(blocks="importance", search_trials=6, projection_offsets=True, max_offset=0.1)
+    plan = allocator.allocate(mats, budget, with_cosines(mats, torch.Generator().manual_seed(2), score))
+    check_plan(plan, budget)
+    first_objective, first_knobs = scored[0]
+    assert first_knobs["scale"] == 2.0 and first_knobs["block_scale"] == 1.0
+    assert all(first_knobs[f"offset/{kind}"] == 0.0 for kind in BLOCK)
+    report = allocator.report
+    assert report["search"]["best_objective"] == min(o for o, _ in scored) <= first_objective
+    assert base(plan).objective == pytest.approx(report["search"]["best_objective"])
+    assert set(report["offsets"]) == set(BLOCK) and report["stages"]["blocks"] == "importance"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"blocks": "first"}, "blocks='first'"), ({"between": "energy"}, "between='energy'"),
+    ({"within": "bayes"}, "within='bayes'"), ({"k": 0}, "k=0"), ({"scale": -1}, "scale=-1"),
+    ({"search_trials": -2}, "search_trials=-2"), ({"projection_offsets": True}, "needs search_trials"),
+    ({"projection_offsets": True, "search_trials": 2, "within": "energy"}, "within='energy'"),
+    ({"max_offset": 1.5}, "max_offset=1.5"),
+])
+def test_composite_bad_options_are_clear(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        Composite(**kwargs)
+
+
+def test_composite_infeasible_k_is_a_config_error(rng):
+    mats = matrices(rng)
+    with pytest.raises(ConfigError, match="k=2 must exceed"):
+        Composite(blocks="last", k=2).check(mats, Budget({m.name: m.shape for m in mats}, 0.5))

@@ -111,6 +111,8 @@ def project_ratios(weights: Sequence[float], ratios: Sequence[float], target: fl
     def mean_at(delta: float) -> float:
         return sum(w * min(max(r + delta, low), high) for w, r in zip(weights, ratios, strict=True)) / total
 
+    if all(low <= r <= high for r in ratios) and abs(mean_at(0.0) - target) <= 1e-15:
+        return list(ratios)  # already exact: no shift (bisection would leave one of ~1e-17)
     lo, hi = low - max(ratios), high - min(ratios)  # mean_at(lo) = low, mean_at(hi) = high
     for _ in range(200):
         mid = 0.5 * (lo + hi)

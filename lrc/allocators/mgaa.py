@@ -10,6 +10,9 @@
    of its spectral energy, with the sublayer's parameter budget met (exact threshold search).
    ``inner: uniform`` gives every matrix the sublayer's ratio instead.
 
+The stages are module functions (:func:`similarity_ratios`, :func:`sublayer_plan`) that the
+composite allocator (:mod:`lrc.allocators.composite`) reuses.
+
 ``spectrum``: the energy is measured on the spectrum the factorizer truncates
 (``factorizer``, e.g. the whitened one) or on the plain weight's singular values (``weight``).
 """
@@ -30,8 +33,8 @@ from lrc.allocators.base import (
     check_spectrum_source,
 )
 from lrc.allocators.energy import energy_plan
-from lrc.allocators.fitting import meet_budget, project_ratios
-from lrc.budget import Budget, rank_for_ratio, stored_params
+from lrc.allocators.fitting import meet_budget, plan_from_ratios, project_ratios
+from lrc.budget import Budget, stored_params
 from lrc.errors import ConfigError, LrcError
 
 INNER = ("energy", "uniform")
@@ -58,44 +61,79 @@ class MGAA(Allocator):
     def sublayer_ratios(self, params: Mapping[Sub, int], importance: Mapping[Sub, float],
                         ratio: float) -> dict[Sub, float]:
         """Removal ratio of every sublayer: z-scored importance around ``ratio``, exact in parameters."""
-        subs = list(params)
-        values = [importance[s] for s in subs]
-        mean = statistics.fmean(values)
-        std = statistics.pstdev(values) if len(values) > 1 else 0.0
-        z = [(v - mean) / std if std > 0 else 0.0 for v in values]
-        raw = [ratio * (1.0 + self.scale * zs) for zs in z]
-        fitted = project_ratios([params[s] for s in subs], raw, ratio, self.min_ratio, self.max_ratio)
-        return dict(zip(subs, fitted, strict=True))
+        return similarity_ratios(params, importance, dict.fromkeys(params, ratio), ratio, self.scale,
+                                 (self.min_ratio, self.max_ratio))
 
     def allocate(self, matrices: Sequence[MatrixInfo], budget: Budget,
                  context: AllocationContext | None = None) -> RankPlan:
         self.check(matrices, budget)
-        members: dict[Sub, list[MatrixInfo]] = defaultdict(list)
-        for m in matrices:
-            members[(m.block, m.sublayer)].append(m)
-        cosine = (context.sublayer_cosine if context else {}) or {}
-        absent = [s for s in members if s not in cosine]
-        if absent:
-            raise LrcError(f"mgaa needs the cosine statistic of every sublayer; none for {absent[:3]}")
-        importance = {s: float(cosine[s][1 if self.residual else 0]) for s in members}
+        members = sublayers_of(matrices)
+        importance = sublayer_similarity(members, context, self.residual, "mgaa")
         params = {s: sum(m.shape[0] * m.shape[1] for m in ms) for s, ms in members.items()}
         ratios = self.sublayer_ratios(params, importance, budget.ratio)
-
-        plan: RankPlan = {}
-        for sub, ms in members.items():
-            if self.inner == "energy":
-                inner_budget = Budget({m.name: m.shape for m in ms}, ratios[sub])
-                plan.update(energy_plan(ms, inner_budget)[0])
-            else:
-                plan.update({m.name: rank_for_ratio(m.shape, ratios[sub]) for m in ms})
-        of = {m.name: (m.block, m.sublayer) for m in matrices}
-
-        def deficit(name: str, current: Mapping[str, int]) -> float:  # sublayer furthest under its share
-            sub = of[name]
-            kept = sum(stored_params(m.shape, current[m.name]) for m in members[sub])
-            return ((1.0 - ratios[sub]) * params[sub] - kept) / params[sub]
-
-        plan = meet_budget(plan, budget, deficit)
+        plan = sublayer_plan(members, ratios, self.inner, budget)
         self.report = {"sublayer_ratio": {f"{b}.{s}": round(r, 6) for (b, s), r in ratios.items()},
                        "sublayer_cosine": {f"{b}.{s}": round(v, 6) for (b, s), v in importance.items()}}
         return plan
+
+
+def sublayers_of(matrices: Sequence[MatrixInfo]) -> dict[Sub, list[MatrixInfo]]:
+    """The matrices of every (block, sublayer), in model order."""
+    members: dict[Sub, list[MatrixInfo]] = defaultdict(list)
+    for m in matrices:
+        members[(m.block, m.sublayer)].append(m)
+    return dict(members)
+
+
+def sublayer_similarity(members: Mapping[Sub, Sequence[MatrixInfo]], context: AllocationContext | None,
+                        residual: bool, who: str) -> dict[Sub, float]:
+    """I_s: each sublayer's mean input/output cosine similarity (after the residual add, or before it)."""
+    cosine = (context.sublayer_cosine if context else {}) or {}
+    absent = [s for s in members if s not in cosine]
+    if absent:
+        raise LrcError(f"{who} needs the cosine statistic of every sublayer; none for {absent[:3]}")
+    return {s: float(cosine[s][1 if residual else 0]) for s in members}
+
+
+def similarity_ratios(params: Mapping[Sub, int], importance: Mapping[Sub, float], base: Mapping[Sub, float],
+                      target: float, scale: float, bounds: tuple[float, float]) -> dict[Sub, float]:
+    """r_s = base_s (1 + scale z_s), z_s the z-score of I_s over ``importance``'s groups, then one
+    common shift (clipped to ``bounds``) so that the parameter-weighted removal is ``target``."""
+    groups = list(params)
+    values = [importance[g] for g in groups]
+    mean = statistics.fmean(values)
+    std = statistics.pstdev(values) if len(values) > 1 else 0.0
+    z = [(v - mean) / std if std > 0 else 0.0 for v in values]
+    raw = [base[g] * (1.0 + scale * zs) for g, zs in zip(groups, z, strict=True)]
+    fitted = project_ratios([params[g] for g in groups], raw, target, *bounds)
+    return dict(zip(groups, fitted, strict=True))
+
+
+def sublayer_plan(members: Mapping[Sub, Sequence[MatrixInfo]], ratios: Mapping[Sub, float], inner: str,
+                  budget: Budget) -> RankPlan:
+    """Each sublayer's budget split between its matrices, the whole fitted to ``budget`` exactly.
+
+    ``inner: energy``: equal energy retention inside each sublayer, then rank steps where a
+    sublayer is furthest under its share. ``inner: uniform``: every matrix at its sublayer's
+    ratio, fitted as any per-matrix ratio plan is (:func:`plan_from_ratios`). A sublayer at ratio
+    <= 0 stays dense and is never adjusted.
+    """
+    compressed = [s for s in members if ratios[s] > 0.0]
+    adjustable = [m.name for s in compressed for m in members[s]]
+    if inner == "uniform":
+        flat = [m for ms in members.values() for m in ms]
+        per_matrix = {m.name: ratios[s] for s, ms in members.items() for m in ms}
+        return plan_from_ratios(flat, budget, per_matrix, adjustable)
+    plan: RankPlan = {m.name: min(m.shape) for s, ms in members.items() if s not in compressed for m in ms}
+    for sub in compressed:
+        ms = members[sub]
+        plan.update(energy_plan(ms, Budget({m.name: m.shape for m in ms}, ratios[sub]))[0])
+    params = {s: sum(m.shape[0] * m.shape[1] for m in ms) for s, ms in members.items()}
+    of = {m.name: s for s, ms in members.items() for m in ms}
+
+    def deficit(name: str, current: Mapping[str, int]) -> float:  # sublayer furthest under its share
+        sub = of[name]
+        kept = sum(stored_params(m.shape, current[m.name]) for m in members[sub])
+        return ((1.0 - ratios[sub]) * params[sub] - kept) / params[sub]
+
+    return meet_budget(plan, budget, deficit, adjustable)
