@@ -26,7 +26,7 @@ from lrc.compress.scoring import ScoreMemo
 from lrc.compress.stage import Method, Scoring, Task, compress
 from lrc.compress.visits import BlockVisitor, StatisticsSource, WholeModel, time_plain_forward
 from lrc.data.windows import Calibration
-from lrc.errors import BudgetError
+from lrc.errors import BudgetError, ConfigError
 from lrc.eval.perplexity import run_benchmarks
 from lrc.files import JsonCache, cache_key
 from lrc.model.adapters import find_targets
@@ -58,13 +58,16 @@ class Settings:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: a method at a ratio, its calibration data, the benchmarks, the settings."""
+    """One run: a method at a ratio, its calibration data, the benchmarks, the settings, and an
+    optional recovery fine-tuning of the compressed model (``finetune``: e.g.
+    :class:`lrc.finetune.lora.LoRA`; None: none)."""
 
     method: Method
     ratio: float
     calibration: Calibration
     benchmarks: Sequence[Any]  # PerplexityBenchmark | ZeroShotBenchmark: ``run(model, tokenizer) -> metrics``
     settings: Settings
+    finetune: Any = None  # ``run(model, tokenizer, device) -> FinetuneReport``, ``evaluate_before``
 
 
 def compress_and_evaluate(loaded: LoadedModel, spec: RunSpec) -> Outcome:
@@ -85,14 +88,35 @@ def compress_and_evaluate(loaded: LoadedModel, spec: RunSpec) -> Outcome:
     stored = DecompositionCache(settings.cache_dir) if settings.decomposition_cache else None
     done = compress(task, method, visitor, scoring, watch, stored)
     params = measure_params(task, done.plan)
+    finetuned = recover(loaded, spec, visitor, watch) if spec.finetune is not None else {}
+    if finetuned and measure_params(task, done.plan) != params:
+        raise BudgetError("fine-tuning changed the parameter count of the compressed model")
     with watch("benchmark_s"), visitor.whole_on_device():
         metrics = run_benchmarks(loaded.model, loaded.tokenizer, list(spec.benchmarks))
-    log.info("compressed model: %s", _fmt(metrics))
+    log.info("compressed model%s: %s", " after fine-tuning" if finetuned else "", _fmt(metrics))
+    if finetuned:
+        done.diagnostics["finetune"] = finetuned
     diagnostics = {**done.diagnostics, "dense_metrics_cached": dense_cached,
                    "shapes": {t.name: list(t.shape) for t in task.targets},  # the budget can be re-checked
                    "added_params": {name: e for name, e in task.budget.extra.items() if e}}
     return Outcome(ranks=done.plan, params=params, metrics=metrics, dense_metrics=dense, usage=watch.usage(),
                    diagnostics=diagnostics, trials=done.trials, tables=tables(task, done.plan, diagnostics, spec))
+
+
+def recover(loaded: LoadedModel, spec: RunSpec, visitor: BlockVisitor, watch: Stopwatch) -> dict[str, Any]:
+    """Fine-tune the compressed model in place (its updates merged back into the factors); the
+    benchmarks before it (``evaluate_before``) and the loss of every step."""
+    tune, before = spec.finetune, {}
+    with visitor.whole_on_device():
+        if tune.evaluate_before and spec.benchmarks:
+            with watch("benchmark_before_finetune_s"):
+                before = run_benchmarks(loaded.model, loaded.tokenizer, list(spec.benchmarks))
+            log.info("compressed model before fine-tuning: %s", _fmt(before))
+        with watch("finetune_s"):
+            report = tune.run(loaded.model, loaded.tokenizer, spec.settings.device or loaded.device)
+    log.info("fine-tuned %d modules (%d trainable parameters, merged back) in %.1fs: loss %.4f -> %.4f",
+             report.modules, report.trained_params, report.seconds, report.losses[0], report.losses[-1])
+    return {**report.record(), "metrics_before": before, "options": tune.describe()}
 
 
 def compression_task(model: nn.Module, method: Method, ratio: float) -> Task:
@@ -111,6 +135,9 @@ def check_mode(loaded: LoadedModel, spec: RunSpec) -> None:
     if layerwise.enabled or streamed:
         check_layerwise(spec.method.kinds)
     check_streamed(streamed, layerwise, spec.benchmarks, scores=spec.method.allocator.validation is not None)
+    if streamed and spec.finetune is not None:
+        raise ConfigError("this model streams its decoder blocks from outside memory and cannot be fine-tuned "
+                          "whole; use finetune=none")
 
 
 def calibration_windows(loaded: LoadedModel, spec: RunSpec) -> tuple[torch.Tensor, Scoring | None]:
@@ -183,6 +210,8 @@ def tables(task: Task, plan: dict[str, int], diagnostics: dict[str, Any], spec: 
     rows = [[t.name, t.block, t.kind, t.shape[0], t.shape[1], plan[t.name], errors.get(t.name)]
             for t in task.targets]
     found: Tables = {"rank_plan": (["module", "block", "kind", "out", "in", "rank", "truncation_error"], rows)}
+    if "finetune" in diagnostics:
+        found["finetune_loss"] = (["step", "loss"], [[i, v] for i, v in enumerate(diagnostics["finetune"]["losses"])])
     for source in (*spec.benchmarks, spec.method.allocator):
         found.update(getattr(source, "tables", dict)())
     return found

@@ -135,6 +135,20 @@ def build_allocator(node: DictConfig) -> Allocator:
     return KeepDense(allocator, keep) if keep else allocator
 
 
+def build_finetune(cfg: DictConfig) -> Any:
+    """The recovery fine-tuning of ``finetune`` (None for ``finetune=none`` or a record without one)."""
+    node = cfg.get("finetune")
+    if not node or not node.get("_target_"):
+        return None
+    what = f"finetune={node.get('name')}"
+    spec = plain(node)
+    source = build(node.source, f"{what}: source")
+    spec.pop("source")
+    target = resolve_target(spec.pop("_target_"), what)
+    spec.pop("name", None)
+    return construct(target, spec, what, source=source)
+
+
 def build_calibration(cfg: DictConfig) -> Calibration:
     node = cfg.calibration
     source = build(node.source, "calibration.source")
@@ -183,7 +197,8 @@ def run_spec(cfg: DictConfig, benchmarks: bool = True, run_dir: Path | None = No
                         run_dir=run_dir, decomposition_cache=bool(cfg.get("decomposition_cache", False)),
                         statistics=statistics_storage(cfg))
     return RunSpec(method=method, ratio=check_ratio(cfg.ratio), calibration=build_calibration(cfg),
-                   benchmarks=build_benchmarks(cfg) if benchmarks else [], settings=settings)
+                   benchmarks=build_benchmarks(cfg) if benchmarks else [], settings=settings,
+                   finetune=build_finetune(cfg))
 
 
 def load_model(cfg: DictConfig, spec: RunSpec) -> tuple[LoadedModel, float]:

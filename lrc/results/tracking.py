@@ -105,6 +105,11 @@ def log_outcome(tracker: Tracker, outcome: Outcome, ratio: float) -> None:
     ranks-per-layer figure."""
     for row in outcome.trials:
         tracker.log_metrics({f"trial/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+    finetune = outcome.diagnostics.get("finetune") or {}
+    for step, loss in enumerate(finetune.get("losses", [])):  # the recovery fine-tuning's loss curve
+        tracker.log_metrics({"finetune/loss": loss, "finetune/step": step})
+    if finetune.get("metrics_before"):
+        tracker.log_metrics({f"before_finetune/{k}": v for k, v in finetune["metrics_before"].items()})
     tracker.log_metrics({**outcome.metrics, **{f"dense/{k}": v for k, v in outcome.dense_metrics.items()},
                          "removed_fraction": outcome.params["removed_fraction"]})
     for key, (columns, rows) in outcome.tables.items():

@@ -1,0 +1,1 @@
+"""Recovery fine-tuning of a compressed model (config group ``finetune``)."""
