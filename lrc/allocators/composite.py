@@ -206,6 +206,16 @@ class Composite(Allocator):
                        "knobs": dict(knobs), **decisions, **searched}
         return plan
 
+    def tables(self) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        """The decisions as W&B tables: the ratio of every block and sublayer, and the knobs used."""
+        report = self.report
+        if not report:
+            return {}
+        sublayers = [[*key.split("."), r] for key, r in report["sublayer_ratio"].items()]
+        return {"composite_blocks": (["block", "ratio"], [[int(b), r] for b, r in report["block_ratio"].items()]),
+                "composite_sublayers": (["block", "sublayer", "ratio"], [[int(b), s, r] for b, s, r in sublayers]),
+                "composite_knobs": (["knob", "value"], [[k, v] for k, v in report["knobs"].items()])}
+
     def choose_k(self, matrices: Sequence[MatrixInfo], budget: Budget, similarity: Mapping[Sub, float],
                  ks: Sequence[int], context: AllocationContext) -> tuple[dict[str, float], dict[str, Any]]:
         results = []
