@@ -31,6 +31,11 @@ def export(run_dir: str | Path, out: str | Path | None = None, merge: bool = Fal
         raise DataError(f"{run_dir}: no readable {RESULT_FILE} ({exc})") from None
     if record.get("status") != "done" or "config" not in record:
         raise DataError(f"{run_dir / RESULT_FILE}: the run did not finish (status {record.get('status')!r})")
+    finetune = record["config"].get("finetune") or {}
+    if finetune.get("_target_"):
+        raise DataError(f"{run_dir} was fine-tuned (finetune={finetune.get('name')}): export would train again, "
+                        "which is not bit-for-bit reproducible on every device; run it with save=true to keep "
+                        "the model it evaluated")
     cfg = from_record(record["config"])
     spec = run_spec(cfg, benchmarks=False)
     loaded, _ = load_model(cfg, spec)

@@ -555,6 +555,8 @@ def test_composite_search_never_returns_worse_than_its_first_trial(rng):
     ({"search_trials": -2}, "search_trials=-2"), ({"projection_offsets": True}, "needs search_trials"),
     ({"projection_offsets": True, "search_trials": 2, "within": "energy"}, "within='energy'"),
     ({"max_offset": 1.5}, "max_offset=1.5"),
+    ({"search_trials": 3, "scale": 6.0}, "scale=6.0 is above max_scale=4.0"),
+    ({"search_trials": 3, "between": "uniform"}, "no knob to search"),
 ])
 def test_composite_bad_options_are_clear(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -172,11 +172,12 @@ def test_mixture_honours_weights_and_interleaves(tmp_path):
     assert origin.count("letters") == 8 and origin.count("digits") == 2  # 7.5 / 2.5: the tie goes to the first
     assert origin == ["letters"] * 2 + ["digits"] + ["letters"] * 4 + ["digits"] + ["letters"] * 2  # spread out
     assert mix.counts(16) == {"letters": 12, "digits": 4}
-    assert sum(Mixture(mix.components, {"letters": 1, "digits": 1e-9}).counts(7).values()) == 7
+    assert Mixture(mix.components, {"letters": 1, "digits": 1e-9}).counts(7) == {"letters": 7, "digits": 0}
 
 
 def test_mixture_windows_are_deterministic_and_each_component_draws_alone(tmp_path):
-    from lrc.data.mixture import Mixture
+    from lrc.data.mixture import Mixture, component_seed
+    from lrc.files import cache_key
 
     tok = byte_tokenizer()
     letters, digits = alphabet_file(tmp_path, "l", "abcdefgh"), alphabet_file(tmp_path, "d", "0123456789")
@@ -184,10 +185,18 @@ def test_mixture_windows_are_deterministic_and_each_component_draws_alone(tmp_pa
     a = Calibration(mix, nsamples=6, seqlen=32, seed=1).windows(tok)
     assert torch.equal(a, Calibration(mix, nsamples=6, seqlen=32, seed=1).windows(tok))
     assert not torch.equal(a, Calibration(mix, nsamples=6, seqlen=32, seed=2).windows(tok))
-    # component i's windows are those it gives alone with seed + i, whatever else is mixed in
-    alone = Calibration(digits, nsamples=3, seqlen=32, seed=1 + 1).windows(tok)
+    # a component's windows are those it gives alone with its own seed, whatever else is mixed in
+    alone = Calibration(digits, nsamples=3, seqlen=32, seed=component_seed(1, "digits")).windows(tok)
     assert torch.equal(torch.stack([w for w in a if source_of(w) == "digits"]), alone)
     assert mix.describe()["weights"] == {"letters": 1.0, "digits": 1.0}
+    # the identity (statistics cache key) follows the order the windows are interleaved in
+    swapped = Mixture({"digits": digits, "letters": letters})
+    assert not torch.equal(a, Calibration(swapped, nsamples=6, seqlen=32, seed=1).windows(tok))
+    assert cache_key(swapped.describe()) != cache_key(mix.describe())
+    assert cache_key(Mixture({"letters": letters, "digits": digits}, {"letters": 2, "digits": 1}).describe()) != \
+        cache_key(mix.describe())
+    with pytest.raises(ConfigError, match=r"nsamples=1 gives components \['digits'\] no window"):
+        Calibration(mix, nsamples=1, seqlen=32).windows(tok)
 
 
 @pytest.mark.parametrize("weights, match", [({"letters": 1}, "weights name"), ({"letters": 1, "digits": -1},

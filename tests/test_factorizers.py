@@ -272,6 +272,8 @@ def test_describe_is_plain_data_that_identifies_the_options():
     assert ResSVD().describe() == ResSVD().describe()
     assert "object at 0x" not in json.dumps(ResSVD().describe())
     assert ResSVD(beta=0.1).describe() != ResSVD().describe()
+    for make in (SVDLLM, ResSVD, FeaturePCA):  # shrinkage changes the result, so the cache keys
+        assert make(shrinkage=0.2).describe() != make().describe()
 
 
 def test_full_shrinkage_is_per_channel_scaling(rng):

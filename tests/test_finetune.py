@@ -111,3 +111,51 @@ def test_finetune_config_group_builds(tmp_path):
         build_finetune(compose(["finetune=lora", "finetune.lr=fast"]))
     big = build_finetune(compose(["finetune=lora_7b"]))
     assert big.steps == 500 and big.seqlen == 1024
+
+
+def compressed_tiny(tmp_path):
+    tiny = tiny_random(device="cpu")
+    loaded = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, tiny.identity)
+    calibration = Calibration(EmbeddedText(), nsamples=2, seqlen=32)
+    pipeline.compress_and_evaluate(loaded, spec(SVDLLM(), Uniform(), 0.3, calibration, [], cache_dir=tmp_path,
+                                                measure_forward=False))
+    return loaded
+
+
+def test_lora_is_deterministic_and_restores_the_model_state(tmp_path):
+    short = LoRA(EmbeddedText(), steps=3, lr=1e-2, nsamples=4, seqlen=32, batch_size=2, warmup=0)
+    first, second = compressed_tiny(tmp_path), compressed_tiny(tmp_path)
+    frozen = "model.embed_tokens.weight"
+    for loaded in (first, second):
+        loaded.model.eval()
+        loaded.model.get_parameter(frozen).requires_grad_(False)
+    state = torch.random.get_rng_state()
+    short.run(first.model, first.tokenizer)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global random state is untouched
+    short.run(second.model, second.tokenizer)
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
+                                                 second.model.state_dict().values(), strict=True))
+    assert not first.model.training and not first.model.get_parameter(frozen).requires_grad
+    assert not hasattr(first.model, "peft_config")
+
+
+def test_a_diverging_run_leaves_the_model_as_it_was(tmp_path):
+    from lrc.errors import NumericalError
+
+    loaded = compressed_tiny(tmp_path)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    with pytest.raises(NumericalError, match="lower finetune.lr=1e\\+30"):
+        LoRA(EmbeddedText(), steps=6, lr=1e30, nsamples=4, seqlen=32, batch_size=2, warmup=0).run(
+            loaded.model, loaded.tokenizer)
+    after = loaded.model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_export_refuses_a_fine_tuned_run(tmp_path):
+    from lrc.errors import DataError
+    from lrc.export import export
+
+    (tmp_path / "result.json").write_text(json.dumps({"status": "done", "ranks": {}, "config": {
+        "finetune": {"name": "lora", "_target_": "lrc.finetune.lora.LoRA"}}}))
+    with pytest.raises(DataError, match="was fine-tuned .*save=true"):
+        export(tmp_path)

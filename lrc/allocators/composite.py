@@ -85,6 +85,16 @@ class Composite(Allocator):
         if projection_offsets and within != "uniform":
             raise ConfigError(f"projection_offsets=true needs within=uniform (offsets move each matrix's ratio); "
                               f"got within={within!r}")
+        if search_trials:
+            for key, value, used in (("scale", scale, between == "similarity"),
+                                     ("block_scale", block_scale, blocks == "importance")):
+                if used and value > max_scale:
+                    raise ConfigError(f"{key}={value!r} is above max_scale={max_scale!r}: the search's first "
+                                      "trial (the configured knobs) must lie in its range")
+            if between != "similarity" and blocks != "importance" and not (blocks == "last" and k is None) \
+                    and not projection_offsets:
+                raise ConfigError(f"search_trials={search_trials}: with blocks={blocks!r}, between={between!r}, "
+                                  "k given and no projection_offsets there is no knob to search")
         self.blocks, self.k, self.block_scale = blocks, k, float(block_scale)
         self.between, self.scale, self.residual, self.within = between, float(scale), bool(residual), within
         self.min_ratio, self.max_ratio = check_ratio_bounds(min_ratio, max_ratio)
@@ -156,19 +166,20 @@ class Composite(Allocator):
         decisions = {"block_ratio": {str(b): round(r, 6) for b, r in block_ratio.items()},
                      "sublayer_ratio": {f"{b}.{s}": round(r, 6) for (b, s), r in ratios.items()}}
         offsets = {kind: knobs[f"offset/{kind}"] for kind in self.kinds(matrices)}
-        if not offsets:
-            return sublayer_plan(members, ratios, self.within, budget), decisions
-        # projection offsets (within=uniform): every matrix of a compressed sublayer at r_s + offset(kind),
-        # then one common shift so the whole removes R, fitted per matrix
+        dense = [s for s in members if s not in compressed]
+        if not offsets and (self.between == "similarity" or self.within == "energy"):
+            return sublayer_plan(members, ratios, self.within, budget, dense), decisions  # as MGAA fits its shares
         flat = [m for ms in members.values() for m in ms]
         moved = [m for s in compressed for m in members[s]]
-        weights = [m.shape[0] * m.shape[1] for m in moved]
-        share = budget.ratio * sum(m.shape[0] * m.shape[1] for m in flat) / sum(weights)
-        fitted = project_ratios(weights, [ratios[(m.block, m.sublayer)] + offsets[m.kind] for m in moved], share,
-                                self.min_ratio, self.max_ratio)
         per_matrix = {m.name: ratios[(m.block, m.sublayer)] for m in flat}
-        per_matrix.update({m.name: r for m, r in zip(moved, fitted, strict=True)})
-        decisions["offsets"] = {k: round(v, 6) for k, v in offsets.items()}
+        if offsets:  # (within=uniform) each matrix at r_s + offset(kind), one common shift so the whole removes R
+            weights = [m.shape[0] * m.shape[1] for m in moved]
+            share = budget.ratio * sum(m.shape[0] * m.shape[1] for m in flat) / sum(weights)
+            fitted = project_ratios(weights, [per_matrix[m.name] + offsets[m.kind] for m in moved], share,
+                                    self.min_ratio, self.max_ratio)
+            per_matrix.update({m.name: r for m, r in zip(moved, fitted, strict=True)})
+            decisions["offsets"] = {k: round(v, 6) for k, v in offsets.items()}
+        # each matrix at its own ratio, fitted as ResSVD's partial layers are
         return plan_from_ratios(flat, budget, per_matrix, [m.name for m in moved]), decisions
 
     def kinds(self, matrices: Sequence[MatrixInfo]) -> list[str]:

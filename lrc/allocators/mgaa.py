@@ -33,8 +33,8 @@ from lrc.allocators.base import (
     check_spectrum_source,
 )
 from lrc.allocators.energy import energy_plan
-from lrc.allocators.fitting import meet_budget, plan_from_ratios, project_ratios
-from lrc.budget import Budget, stored_params
+from lrc.allocators.fitting import meet_budget, project_ratios
+from lrc.budget import Budget, rank_for_ratio, stored_params
 from lrc.errors import ConfigError, LrcError
 
 INNER = ("energy", "uniform")
@@ -110,24 +110,19 @@ def similarity_ratios(params: Mapping[Sub, int], importance: Mapping[Sub, float]
 
 
 def sublayer_plan(members: Mapping[Sub, Sequence[MatrixInfo]], ratios: Mapping[Sub, float], inner: str,
-                  budget: Budget) -> RankPlan:
-    """Each sublayer's budget split between its matrices, the whole fitted to ``budget`` exactly.
-
-    ``inner: energy``: equal energy retention inside each sublayer, then rank steps where a
-    sublayer is furthest under its share. ``inner: uniform``: every matrix at its sublayer's
-    ratio, fitted as any per-matrix ratio plan is (:func:`plan_from_ratios`). A sublayer at ratio
-    <= 0 stays dense and is never adjusted.
-    """
-    compressed = [s for s in members if ratios[s] > 0.0]
-    adjustable = [m.name for s in compressed for m in members[s]]
-    if inner == "uniform":
-        flat = [m for ms in members.values() for m in ms]
-        per_matrix = {m.name: ratios[s] for s, ms in members.items() for m in ms}
-        return plan_from_ratios(flat, budget, per_matrix, adjustable)
-    plan: RankPlan = {m.name: min(m.shape) for s, ms in members.items() if s not in compressed for m in ms}
-    for sub in compressed:
-        ms = members[sub]
-        plan.update(energy_plan(ms, Budget({m.name: m.shape for m in ms}, ratios[sub]))[0])
+                  budget: Budget, fixed_dense: Sequence[Sub] = ()) -> RankPlan:
+    """Each sublayer's budget split between its matrices, the whole fitted to ``budget`` exactly:
+    equal energy retention inside each sublayer (``inner: energy``) or every matrix at its
+    sublayer's ratio (``uniform``), then rank steps, one at a time, where a sublayer is furthest
+    from its share. The sublayers in ``fixed_dense`` stay dense and are never adjusted."""
+    plan: RankPlan = {}
+    for sub, ms in members.items():
+        if sub in fixed_dense:
+            plan.update({m.name: min(m.shape) for m in ms})
+        elif inner == "energy":
+            plan.update(energy_plan(ms, Budget({m.name: m.shape for m in ms}, ratios[sub]))[0])
+        else:
+            plan.update({m.name: rank_for_ratio(m.shape, ratios[sub]) for m in ms})
     params = {s: sum(m.shape[0] * m.shape[1] for m in ms) for s, ms in members.items()}
     of = {m.name: s for s, ms in members.items() for m in ms}
 
@@ -136,4 +131,5 @@ def sublayer_plan(members: Mapping[Sub, Sequence[MatrixInfo]], ratios: Mapping[S
         kept = sum(stored_params(m.shape, current[m.name]) for m in members[sub])
         return ((1.0 - ratios[sub]) * params[sub] - kept) / params[sub]
 
+    adjustable = [m.name for s, ms in members.items() if s not in fixed_dense for m in ms] if fixed_dense else None
     return meet_budget(plan, budget, deficit, adjustable)

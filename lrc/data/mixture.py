@@ -7,8 +7,9 @@ every other. :class:`Mixture` draws the calibration windows from several sources
   nsamples w_c / sum w (so the counts sum to nsamples and follow the weights as closely as
   whole windows can);
 * each component's windows are drawn from it alone, as a single source would draw them
-  (``stream`` or ``documents`` sampling), with its own seed (run seed + its position), so
-  adding a component never changes the windows of the others;
+  (``stream`` or ``documents`` sampling), with its own seed (a hash of the run seed and the
+  component's name), so adding a component changes the others' windows only through their
+  counts, and no two components or seeds share a seed by construction;
 * the windows are interleaved evenly: window j of component c sits at (j + 1/2) / n_c of the
   way through the set, so every batch of a streamed pass sees the mixture.
 
@@ -19,6 +20,7 @@ calibration needs an explicit validation source.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +41,11 @@ def largest_remainder(total: int, weights: list[float]) -> list[int]:
     for i in by_remainder[: total - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def component_seed(seed: int, name: str) -> int:
+    """The seed component ``name`` draws its windows with under run seed ``seed``."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
 
 
 def interleaved(counts: list[int]) -> list[int]:
@@ -76,8 +83,11 @@ class Mixture:
     def windows(self, draw: Any, nsamples: int, seed: int) -> torch.Tensor:
         """The mixture's ``nsamples`` windows; ``draw(source, n, seed)`` draws n windows from one source."""
         counts = self.counts(nsamples)
-        drawn = {name: draw(self.components[name], counts[name], seed + i)
-                 for i, name in enumerate(self._names) if counts[name] > 0}
+        empty = [name for name, n in counts.items() if n == 0]
+        if empty:
+            raise ConfigError(f"mixture: nsamples={nsamples} gives components {empty} no window at weights "
+                              f"{dict(self.weights)}; raise nsamples or their weights")
+        drawn = {name: draw(self.components[name], counts[name], component_seed(seed, name)) for name in self._names}
         taken = dict.fromkeys(drawn, 0)
         rows = []
         for c in interleaved([counts[n] for n in self._names]):
@@ -94,6 +104,6 @@ class Mixture:
                           "(or a mixture of held-out texts)")
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "mixture",
+        return {"source": "mixture", "order": list(self._names),  # the interleaving follows this order
                 "components": {n: self.components[n].describe() for n in self._names},
                 "weights": dict(self.weights)}

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lrc.data.windows import calibration_windows
-from lrc.errors import ConfigError
+from lrc.errors import ConfigError, NumericalError
 from lrc.model.checkpoint import low_rank_modules
 
 log = logging.getLogger(__name__)
@@ -97,17 +97,23 @@ class LoRA:
         return calibration_windows(self.source, tokenizer, self.nsamples, self.seqlen, self.seed)
 
     def run(self, model: nn.Module, tokenizer: Any, device: torch.device | None = None) -> FinetuneReport:
-        """Fine-tune ``model`` in place and merge the updates; return what happened."""
-        from peft import LoraConfig, get_peft_model
-
+        """Fine-tune ``model`` in place and merge the updates; return what happened (the global
+        random state is left as it was)."""
         names = self.target_modules(model)
         if not names:
             raise ConfigError("finetune=lora: the model has no low-rank factors to fine-tune (nothing was compressed)")
         windows = self.windows(tokenizer)
-        device = device or next(model.parameters()).device
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            return self._train(model, names, windows, device)
+
+    def _train(self, model: nn.Module, names: list[str], windows: torch.Tensor, device: torch.device
+               ) -> FinetuneReport:
+        from peft import LoraConfig, get_peft_model
+
         grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
         start = time.perf_counter()
-        torch.manual_seed(self.seed)
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=names,
                             bias="none")
         wrapped = get_peft_model(model, config)
@@ -116,7 +122,7 @@ class LoRA:
         optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.learning_rate_factor)
         gen = torch.Generator().manual_seed(self.seed)
-        was_training = model.training
+        was_training, finished = model.training, False
         wrapped.train()
         try:
             order: list[int] = []
@@ -127,8 +133,8 @@ class LoRA:
                 order = order[self.batch_size:]
                 loss = wrapped(input_ids=batch, labels=batch).loss
                 if not torch.isfinite(loss):
-                    raise ConfigError(f"finetune=lora: the loss became {float(loss)} at step {step}; "
-                                      f"lower finetune.lr={self.lr}")
+                    raise NumericalError(f"finetune=lora: the loss became {float(loss.detach())} at step {step}; "
+                                         f"lower finetune.lr={self.lr} (the model is left as it was before)")
                 loss.backward()
                 optimizer.step()
                 schedule.step()
@@ -136,8 +142,12 @@ class LoRA:
                 report.losses.append(float(loss.detach()))
                 if step % 10 == 0 or step == self.steps - 1:
                     log.info("finetune step %d/%d: loss %.4f", step + 1, self.steps, report.losses[-1])
+            finished = True
         finally:
-            wrapped.merge_and_unload()  # the updates folded into the factors; the LoRA modules are gone
+            if finished:
+                wrapped.merge_and_unload()  # the updates folded into the factors; the LoRA modules are gone
+            else:
+                wrapped.unload()  # a failed run leaves the factors as they were
             model.train(was_training)
             for name, p in model.named_parameters():
                 p.requires_grad_(grad_flags.get(name, False))
