@@ -543,7 +543,7 @@ def test_composite_search_never_returns_worse_than_its_first_trial(rng):
     report = allocator.report
     assert report["search"]["best_objective"] == min(o for o, _ in scored) <= first_objective
     assert base(plan).objective == pytest.approx(report["search"]["best_objective"])
-    assert set(report["offsets"]) == set(BLOCK) and report["stages"]["blocks"] == "importance"
+    assert set(report["offsets"]) == set(BLOCK) and report["blocks"] == "importance"
     tables = allocator.tables()
     assert len(tables["composite_blocks"][1]) == BLOCKS and len(tables["composite_sublayers"][1]) == 2 * BLOCKS
     assert dict(map(tuple, tables["composite_knobs"][1])) == report["knobs"]

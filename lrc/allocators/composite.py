@@ -213,8 +213,8 @@ class Composite(Allocator):
         else:
             knobs, searched = self.default_knobs(ks), {}
         plan, decisions = self.plan_for(matrices, budget, knobs, similarity)
-        self.report = {"stages": {"blocks": self.blocks, "between": self.between, "within": self.within},
-                       "knobs": dict(knobs), **decisions, **searched}
+        self.report = {"blocks": self.blocks, "between": self.between, "within": self.within,
+                       **{f"knob/{k}": v for k, v in knobs.items()}, "knobs": dict(knobs), **decisions, **searched}
         return plan
 
     def tables(self) -> dict[str, tuple[list[str], list[list[Any]]]]:
