@@ -138,6 +138,22 @@ def test_layerwise_search_allocator_scores_plans(tiny, tmp_path):
     assert [t["objective"] for t in layer.trials] == pytest.approx([t["objective"] for t in whole.trials], rel=1e-5)
 
 
+def test_composite_search_gives_the_same_plan_in_both_modes(tiny, tmp_path):
+    from lrc.allocators.composite import Composite
+
+    def composite():
+        return Composite(blocks="last", search_trials=3, projection_offsets=True,
+                         validation={"nsamples": 2, "seqlen": 32, "batch_size": 2})
+
+    whole, _ = compress(tiny, tmp_path / "a", composite(), factorizer=SVDLLM(shrinkage=0.1))
+    layer, _ = compress(tiny, tmp_path / "b", composite(), factorizer=SVDLLM(shrinkage=0.1), layerwise=LAYERWISE)
+    assert layer.ranks == whole.ranks and len(whole.trials) == 3
+    assert [t["objective"] for t in layer.trials] == pytest.approx([t["objective"] for t in whole.trials], rel=1e-5)
+    allocation = whole.diagnostics["allocation"]
+    assert allocation["blocks"] == "last" and allocation["knob/k"] in range(1, 3)
+    assert "composite_blocks" in whole.tables
+
+
 @pytest.mark.parametrize("factorizer", [PlainSVD, FeaturePCA], ids=["svd", "feature_pca"])
 def test_layerwise_with_other_factorizers(tiny, tmp_path, factorizer):
     whole, _ = compress(tiny, tmp_path / "a", Energy(), factorizer=factorizer())
