@@ -132,7 +132,7 @@ def compression_task(model: nn.Module, method: Method, ratio: float) -> Task:
 def check_mode(loaded: LoadedModel, spec: RunSpec) -> None:
     """Layer-wise and streamed models run forward passes only, one block at a time."""
     layerwise, streamed = spec.settings.layerwise, loaded.blocks.streamed
-    if layerwise.enabled or streamed:
+    if layerwise.sequential or streamed:
         check_layerwise(spec.method.kinds)
     check_streamed(streamed, layerwise, spec.benchmarks, scores=spec.method.allocator.validation is not None)
     if streamed and spec.finetune is not None:
@@ -150,7 +150,8 @@ def calibration_windows(loaded: LoadedModel, spec: RunSpec) -> tuple[torch.Tenso
     held_out = calibration.validation_windows(loaded.tokenizer, validation.nsamples, validation.seqlen)
     identity = {"model": loaded.identity, "calibration": calibration.describe(),
                 "factorizer": spec.method.factorizer.describe(), "statistics": spec.settings.statistics.tag,
-                "compressed_inputs": spec.settings.layerwise.compressed_inputs, "protocol": 2}
+                "compressed_inputs": spec.settings.layerwise.compressed_inputs, "protocol": 2,
+                **({"sequential_update": True} if spec.settings.layerwise.sequential_update else {})}
     memo = ScoreMemo(Path(spec.settings.cache_dir) / "scores" / ScoreMemo.key(identity, held_out))
     return windows, Scoring(held_out, memo, spec.settings.run_dir)
 
@@ -161,10 +162,14 @@ def block_visitor(loaded: LoadedModel, task: Task, spec: RunSpec, windows: torch
     settings = spec.settings
     source = StatisticsSource.of(loaded, spec.calibration, windows, spec.method.kinds,
                                  StatisticsCache(settings.cache_dir, settings.statistics))
-    if not settings.layerwise.enabled:
+    options = settings.layerwise
+    if not options.sequential:
         return WholeModel(task.model, task.targets, source, watch)
-    placement = Placement(settings.device or loaded.device, loaded.blocks, settings.layerwise.compressed_inputs,
-                          spec.method.factorizer.describe())
+    # layer-wise mode, or whole-model mode with compressed inputs: one block at a time (in whole-model
+    # mode the blocks already live on the device, so a visit moves nothing)
+    device = settings.device if options.enabled and settings.device is not None else loaded.device
+    placement = Placement(device, loaded.blocks, options.compressed_inputs, spec.method.factorizer.describe(),
+                          options.sequential_update)
     return Layerwise(task.model, task.targets, source, placement, watch)
 
 

@@ -12,6 +12,7 @@ from lrc.allocators.bayes import Bayes
 from lrc.allocators.energy import Energy
 from lrc.allocators.mgaa import MGAA
 from lrc.allocators.uniform import Uniform
+from lrc.budget import is_low_rank
 from lrc.compress.layerwise import LayerwiseOptions
 from lrc.compress.stream import BlockStream
 from lrc.data.sources import EmbeddedText
@@ -285,3 +286,56 @@ def test_a_failure_mid_pass_returns_the_visited_block_at_once(tiny, tmp_path):
         assert home.out == [0, 1] and home.back == [0, 1]  # block 1 came back before the error left the run
     else:
         pytest.fail("the injected failure did not surface")
+
+
+@pytest.mark.parametrize("factorizer", [SVDLLM, FeaturePCA], ids=["svdllm", "feature_pca (bias re-fitted)"])
+def test_sequential_update_never_increases_a_linears_output_error(tiny, tmp_path, factorizer):
+    options = LayerwiseOptions(enabled=True, compressed_inputs=True, sequential_update=True)
+    updated, model = compress(tiny, tmp_path, Uniform(), factorizer=factorizer(), layerwise=options, ratio=0.5)
+    errors = updated.diagnostics["sequential_update"]
+    assert set(errors) == {n for n, r in updated.ranks.items() if is_low_rank(updated.diagnostics["shapes"][n], r)}
+    for before, after in errors.values():
+        assert 0 <= after <= before * (1 + 1e-9)
+    assert sum(a for _, a in errors.values()) < 0.99 * sum(b for b, _ in errors.values())  # and it helps
+    plain, _ = compress(tiny, tmp_path, Uniform(), factorizer=factorizer(), ratio=0.5,
+                        layerwise=LayerwiseOptions(enabled=True, compressed_inputs=True))
+    assert plain.ranks == updated.ranks and "sequential_update" not in plain.diagnostics
+    assert updated.params == plain.params  # the update changes values, never the parameter count
+
+
+def test_sequential_update_error_matches_a_direct_computation(rng):
+    """The closed form is the least-squares optimum for the second factor (and bias), and the error
+    formula from sums equals the error computed token by token."""
+    from lrc.compress.correction import PairedMoments, corrected_second_factor, output_error
+    from lrc.model.layers import LowRankLinear
+
+    m, n, r, T = 6, 8, 3, 50
+    W, b0 = torch.randn(m, n, generator=rng, dtype=torch.float64), torch.randn(m, generator=rng, dtype=torch.float64)
+    Xd = torch.randn(T, n, generator=rng, dtype=torch.float64)
+    Xc = Xd + 0.3 * torch.randn(T, n, generator=rng, dtype=torch.float64)  # the compressed model's inputs
+    A = torch.randn(r, n, generator=rng, dtype=torch.float64)
+    moments = PairedMoments.zeros(n, torch.device("cpu"))
+    moments.add(Xd[:20], Xc[:20])
+    moments.add(Xd[20:], Xc[20:])
+    B, b = corrected_second_factor(W, b0, A, moments, fit_bias=True)
+    Z = torch.cat([Xc @ A.T, torch.ones(T, 1, dtype=torch.float64)], 1)
+    target = Xd @ W.T + b0
+    direct = torch.linalg.lstsq(Z, target).solution.T
+    torch.testing.assert_close(torch.cat([B, b[:, None]], 1), direct, rtol=1e-8, atol=1e-10)
+    layer = LowRankLinear.from_factors(B, A, b, dtype=torch.float64)
+    by_hand = float(((Xc @ A.T @ B.T + b - target) ** 2).sum())
+    assert output_error(W, b0, layer, moments) == pytest.approx(by_hand, rel=1e-9)
+    B0, none = corrected_second_factor(W, None, A, moments, fit_bias=False)
+    assert none is None
+    torch.testing.assert_close(B0, torch.linalg.lstsq(Xc @ A.T, Xd @ W.T).solution.T, rtol=1e-8, atol=1e-10)
+
+
+def test_sequential_update_runs_in_whole_model_mode_too(tiny, tmp_path):
+    whole = LayerwiseOptions(enabled=False, compressed_inputs=True, sequential_update=True)
+    layer = LayerwiseOptions(enabled=True, compressed_inputs=True, sequential_update=True)
+    a, model_a = compress(tiny, tmp_path / "a", Uniform(), layerwise=whole)
+    b, model_b = compress(tiny, tmp_path / "b", Uniform(), layerwise=layer)
+    assert a.diagnostics["sequential_update"] and a.ranks == b.ranks
+    assert a.metrics["ppl/embedded"] == pytest.approx(b.metrics["ppl/embedded"], rel=1e-5)
+    with pytest.raises(ConfigError, match="compressed_inputs=true too"):
+        LayerwiseOptions(sequential_update=True)

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lrc.budget import is_low_rank
+from lrc.compress.correction import correct_block, dense_copies, paired_pass
 from lrc.compress.stream import BlockStream, layerwise_forward
 from lrc.compress.visits import StatisticsSource, Visit, VisitCounter
 from lrc.errors import ConfigError
@@ -42,11 +43,21 @@ class LayerwiseOptions:
 
     enabled: bool = False
     compressed_inputs: bool = False  # feed each block the outputs of the compressed blocks before it
+    sequential_update: bool = False  # and re-fit each factorized pair towards the dense outputs (correction.py)
 
     def __post_init__(self) -> None:
         for key, value in vars(self).items():
             if not isinstance(value, bool):
                 raise ConfigError(f"layerwise.{key}={value!r} must be true or false")
+        if self.sequential_update and not self.compressed_inputs:
+            raise ConfigError("layerwise.sequential_update=true corrects each block on the outputs of the compressed "
+                              "blocks before it: set layerwise.compressed_inputs=true too")
+
+    @property
+    def sequential(self) -> bool:
+        """Whether blocks are visited one at a time (layer-wise mode, or a sequential method in
+        whole-model mode, where the blocks are already on the device)."""
+        return self.enabled or self.compressed_inputs
 
 
 def check_layerwise(kinds: frozenset[str]) -> None:
@@ -69,6 +80,7 @@ class Placement:
     home: ResidentBlocks | StreamedBlocks
     compressed_inputs: bool
     factorizer: dict[str, Any]
+    sequential_update: bool = False
 
 
 class Layerwise:
@@ -80,6 +92,7 @@ class Layerwise:
                  placement: Placement, watch: Stopwatch) -> None:
         self.model, self.source, self.placement, self.watch = model, source, placement, watch
         self.counter = VisitCounter()
+        self.corrections: dict[str, tuple[float, float]] = {}  # sequential update: output error before, after
         self._moved_before = placement.home.seconds
         self.path, self.blocks = decoder_blocks(model)
         self.by_block: dict[int, list[TargetLinear]] = {}
@@ -90,6 +103,8 @@ class Layerwise:
         inputs: Any = "dense"
         if plan is not None:  # statistics of the compressed model depend on everything before
             inputs = {"factorizer": self.placement.factorizer, "plan": plan_digest(plan)}
+            if self.placement.sequential_update:  # ... and on the corrections of the blocks before
+                inputs["sequential_update"] = True
         return statistics_key(self.source.base, self.by_block.get(index, []), mode=self.mode, block=index,
                               inputs=inputs)
 
@@ -124,24 +139,37 @@ class Layerwise:
     def visits(self, plan: Mapping[str, int] | None) -> Iterator[Visit]:
         keyed = self._keyed(plan)
         compressed = keyed is not None
+        correcting = compressed and self.placement.sequential_update
         with self.watch("calibration_s"):
-            stream = self._stream(plan)
+            stream = self._stream(plan, force=correcting)
+            dense = self._fresh_stream() if correcting else None  # the dense model's activations
         device, home = self.placement.device, self.placement.home
         for index in tqdm(range(len(self.blocks)), desc="layer-wise", leave=False, disable=None):
             with home.visit(index, self.blocks[index], device):
+                targets = self.by_block.get(index, [])
                 with self.watch("calibration_s"):
                     stats = self._block_statistics(index, stream, keyed, needed=self._needed(index, plan))
-                yield Visit(self.by_block.get(index, []), stats, self._key(index, keyed))
+                    if correcting:
+                        moments = paired_pass(self.model, index, dense, stream, targets)
+                        originals = dense_copies(self.model, targets)
+                yield Visit(targets, stats, self._key(index, keyed))
+                if correcting:
+                    with self.watch("sequential_update_s"):
+                        self.corrections.update(correct_block(self.model, targets, originals, moments))
+                    del moments, originals
                 if compressed and stream is not None:
                     with self.watch("calibration_s"):
                         stream.run(index, advance=True)  # the compressed block's outputs
 
-    def _stream(self, plan: Mapping[str, int] | None) -> BlockStream | None:
+    def _stream(self, plan: Mapping[str, int] | None, force: bool = False) -> BlockStream | None:
         """A fresh stream of calibration activations for the pass of ``plan``, or None when every
-        needed statistic is cached (then no block's outputs are needed)."""
-        if not self.source.kinds or self.statistics_cached(plan):
+        needed statistic is cached (then no block's outputs are needed) unless ``force``."""
+        if not force and (not self.source.kinds or self.statistics_cached(plan)):
             return None
         self.counter.passes += 1
+        return self._fresh_stream()
+
+    def _fresh_stream(self) -> BlockStream:
         return BlockStream(self.model, self.source.windows, self.source.batch_size, self.placement.device)
 
     def _block_statistics(self, index: int, stream: BlockStream | None, plan: Mapping[str, int] | None,
@@ -188,7 +216,10 @@ class Layerwise:
             self.model.to(host)
 
     def report(self) -> dict[str, Any]:
-        return {"mode": self.mode, **self.counter.report()}
+        report = {"mode": self.mode, **self.counter.report()}
+        if self.corrections:  # per linear: output error on the calibration tokens before and after its update
+            report["sequential_update"] = {name: [before, after] for name, (before, after) in self.corrections.items()}
+        return report
 
 
 def check_streamed(streamed: bool, layerwise: LayerwiseOptions, benchmarks: Sequence[Any], scores: bool) -> None:

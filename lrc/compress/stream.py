@@ -39,7 +39,7 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-def _output(out: Any) -> torch.Tensor:
+def block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -78,7 +78,7 @@ class BlockStream:
         block = self.blocks[index]
         context = hooks_on(self.model, hooks.pre, hooks.post) if hooks is not None else nullcontext()
         with context, torch.inference_mode():
-            outputs = [_output(block(h, **kw)) for h, kw in zip(self.hidden, self.kwargs[index], strict=True)]
+            outputs = [block_output(block(h, **kw)) for h, kw in zip(self.hidden, self.kwargs[index], strict=True)]
         if advance:
             self.hidden, self.position = outputs, index + 1
 
