@@ -18,10 +18,14 @@ SMALL_SEARCH = ["trials=4", "allocator.validation.nsamples=2", "allocator.valida
 ARGS = {"asvd": ["allocator.validation.nsamples=1", "allocator.validation.seqlen=64"],
         "bolaco": [*SMALL_SEARCH, "allocator.startup_trials=1"],
         "bolaco_lrc": [*SMALL_SEARCH, "allocator.startup_trials=2"],
-        "ressvd": ["allocator.validation.nsamples=2", "allocator.validation.seqlen=64"]}
+        "ressvd": ["allocator.validation.nsamples=2", "allocator.validation.seqlen=64"],
+        "composite": ["allocator.search_trials=2", *SMALL_SEARCH[1:]],
+        "composite_lora": ["allocator.search_trials=2", *SMALL_SEARCH[1:], "finetune.steps=2", "finetune.nsamples=2",
+                           "finetune.seqlen=32", "finetune.batch_size=1"]}
 EXPECTED = {"svd": ("uniform", "svd"), "asvd": ("asvd", "asvd"), "fwsvd": ("uniform", "fwsvd"),
             "svdllm": ("uniform", "svdllm"), "bolaco": ("bolaco", "feature_pca"),
-            "bolaco_lrc": ("bolaco_lrc", "feature_pca"), "mgaa": ("mgaa", "svdllm"), "ressvd": ("ressvd_plc", "ressvd")}
+            "bolaco_lrc": ("bolaco_lrc", "feature_pca"), "mgaa": ("mgaa", "svdllm"), "ressvd": ("ressvd_plc", "ressvd"),
+            "composite": ("composite_search", "svdllm_robust"), "composite_lora": ("composite_search", "svdllm_robust")}
 
 
 def test_the_published_methods_are_all_there():

@@ -165,7 +165,8 @@ SEARCH = ["trials=3", "allocator.validation.nsamples=2", "allocator.validation.s
 ALLOCATOR_ARGS = {"uniform": [], "energy": [], "mgaa": [], "bayes": [*SEARCH, "allocator.startup_trials=2"],
                   "ressvd_plc": SEARCH[1:], "asvd": ["allocator.validation.seqlen=64"],
                   "bolaco": [*SEARCH, "allocator.startup_trials=1"],
-                  "bolaco_lrc": [*SEARCH, "allocator.startup_trials=1"]}
+                  "bolaco_lrc": [*SEARCH, "allocator.startup_trials=1"],
+                  "composite": [], "composite_search": ["allocator.search_trials=2", *SEARCH[1:]]}
 
 
 @pytest.mark.parametrize("allocator", sorted(p.stem for p in (REPO / "conf" / "allocator").glob("*.yaml")))
