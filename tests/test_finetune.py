@@ -69,11 +69,7 @@ def test_fine_tuned_model_saves_and_reloads_with_identical_logits(compressed_and
 
 
 def test_lora_changes_only_the_factors(tmp_path):
-    tiny = tiny_random(device="cpu")
-    loaded = LoadedModel(copy.deepcopy(tiny.model), tiny.tokenizer, tiny.identity)
-    calibration = Calibration(EmbeddedText(), nsamples=2, seqlen=32)
-    pipeline.compress_and_evaluate(loaded, spec(SVDLLM(), Uniform(), 0.3, calibration, [], cache_dir=tmp_path,
-                                                measure_forward=False))
+    loaded = compressed_tiny(tmp_path)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     LoRA(EmbeddedText(), steps=2, lr=1e-2, nsamples=2, seqlen=32, batch_size=1, warmup=0).run(
         loaded.model, loaded.tokenizer)
