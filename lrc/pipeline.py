@@ -151,7 +151,8 @@ def calibration_windows(loaded: LoadedModel, spec: RunSpec) -> tuple[torch.Tenso
     identity = {"model": loaded.identity, "calibration": calibration.describe(),
                 "factorizer": spec.method.factorizer.describe(), "statistics": spec.settings.statistics.tag,
                 "compressed_inputs": spec.settings.layerwise.compressed_inputs, "protocol": 2,
-                **({"sequential_update": True} if spec.settings.layerwise.sequential_update else {})}
+                **({"sequential_update": spec.settings.layerwise.update_target}
+                   if spec.settings.layerwise.sequential_update else {})}
     memo = ScoreMemo(Path(spec.settings.cache_dir) / "scores" / ScoreMemo.key(identity, held_out))
     return windows, Scoring(held_out, memo, spec.settings.run_dir)
 
@@ -169,7 +170,7 @@ def block_visitor(loaded: LoadedModel, task: Task, spec: RunSpec, windows: torch
     # mode the blocks already live on the device, so a visit moves nothing)
     device = settings.device if options.enabled and settings.device is not None else loaded.device
     placement = Placement(device, loaded.blocks, options.compressed_inputs, spec.method.factorizer.describe(),
-                          options.sequential_update)
+                          options.sequential_update, options.update_target)
     return Layerwise(task.model, task.targets, source, placement, watch)
 
 

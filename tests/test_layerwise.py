@@ -25,6 +25,7 @@ from lrc.factorizers.svd import PlainSVD
 from lrc.factorizers.svdllm import SVDLLM
 from lrc.model.adapters import find_targets
 from lrc.model.blocks import ResidentBlocks
+from lrc.model.layers import LowRankLinear
 from lrc.model.loading import LoadedModel, tiny_random
 from lrc.stats.collect import collect_statistics
 
@@ -288,9 +289,17 @@ def test_a_failure_mid_pass_returns_the_visited_block_at_once(tiny, tmp_path):
         pytest.fail("the injected failure did not surface")
 
 
-@pytest.mark.parametrize("factorizer", [SVDLLM, FeaturePCA], ids=["svdllm", "feature_pca (bias re-fitted)"])
-def test_sequential_update_never_increases_a_linears_output_error(tiny, tmp_path, factorizer):
-    options = LayerwiseOptions(enabled=True, compressed_inputs=True, sequential_update=True)
+UPDATES = [(SVDLLM, "local", False), (SVDLLM, "dense", True), (FeaturePCA, "local", False),
+           (FeaturePCA, "dense", True)]
+
+
+@pytest.mark.parametrize(("factorizer", "target", "compressed_inputs"), UPDATES,
+                         ids=["svdllm local (SVD-LLM)", "svdllm dense", "feature_pca local (bias re-fitted)",
+                              "feature_pca dense"])
+def test_sequential_update_never_increases_a_linears_output_error(tiny, tmp_path, factorizer, target,
+                                                                  compressed_inputs):
+    options = LayerwiseOptions(enabled=True, compressed_inputs=compressed_inputs, sequential_update=True,
+                               update_target=target)
     updated, model = compress(tiny, tmp_path, Uniform(), factorizer=factorizer(), layerwise=options, ratio=0.5)
     errors = updated.diagnostics["sequential_update"]
     assert set(errors) == {n for n, r in updated.ranks.items() if is_low_rank(updated.diagnostics["shapes"][n], r)}
@@ -298,9 +307,38 @@ def test_sequential_update_never_increases_a_linears_output_error(tiny, tmp_path
         assert 0 <= after <= before * (1 + 1e-9)
     assert sum(a for _, a in errors.values()) < 0.99 * sum(b for b, _ in errors.values())  # and it helps
     plain, _ = compress(tiny, tmp_path, Uniform(), factorizer=factorizer(), ratio=0.5,
-                        layerwise=LayerwiseOptions(enabled=True, compressed_inputs=True))
+                        layerwise=LayerwiseOptions(enabled=True, compressed_inputs=compressed_inputs))
     assert plain.ranks == updated.ranks and "sequential_update" not in plain.diagnostics
     assert updated.params == plain.params  # the update changes values, never the parameter count
+
+
+def test_local_update_keeps_the_dense_whitening_and_changes_only_second_factors(tiny, tmp_path):
+    """SVD-LLM's released procedure: A from the dense model's whitening, B re-fitted on the
+    compressed inputs; the first factors are those of the run without the update."""
+    options = LayerwiseOptions(sequential_update=True)  # whole-model mode, dense statistics
+    updated, model = compress(tiny, tmp_path / "a", Uniform(), layerwise=options, ratio=0.5)
+    plain, dense_model = compress(tiny, tmp_path / "b", Uniform(), ratio=0.5)
+    assert updated.ranks == plain.ranks and updated.diagnostics["statistics_computed"]
+    low_rank = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    assert low_rank
+    for name in low_rank:
+        a, b = model.get_submodule(name), dense_model.get_submodule(name)
+        torch.testing.assert_close(a.first.weight, b.first.weight, rtol=0, atol=0)
+        same = torch.allclose(a.second.weight, b.second.weight, rtol=1e-4, atol=1e-6)
+        # the first block's inputs are the dense ones (nothing to re-fit); every later one's differ
+        assert same == name.startswith("model.layers.0."), name
+
+
+def test_local_update_is_a_no_op_where_the_whitening_saw_the_same_inputs(tiny, tmp_path):
+    """With compressed-input statistics, SVD-LLM's whitened truncation is already the joint least
+    squares optimum on those inputs, so re-fitting its second factor towards the same targets
+    changes nothing: a check of both the closed form and the paired inputs."""
+    options = LayerwiseOptions(enabled=True, compressed_inputs=True, sequential_update=True, update_target="local")
+    updated, _ = compress(tiny, tmp_path, Uniform(), layerwise=options, ratio=0.5)
+    errors = updated.diagnostics["sequential_update"]
+    assert errors
+    for before, after in errors.values():
+        assert after == pytest.approx(before, rel=1e-3)
 
 
 def test_sequential_update_error_matches_a_direct_computation(rng):
@@ -328,14 +366,25 @@ def test_sequential_update_error_matches_a_direct_computation(rng):
     B0, none = corrected_second_factor(W, None, A, moments, fit_bias=False)
     assert none is None
     torch.testing.assert_close(B0, torch.linalg.lstsq(Xc @ A.T, Xd @ W.T).solution.T, rtol=1e-8, atol=1e-10)
+    local = PairedMoments.zeros(n, torch.device("cpu"))  # SVD-LLM's target: the dense layer on x_c
+    local.add(Xc, Xc)
+    B1, b1 = corrected_second_factor(W, b0, A, local, fit_bias=True)
+    torch.testing.assert_close(torch.cat([B1, b1[:, None]], 1),
+                               torch.linalg.lstsq(Z, Xc @ W.T + b0).solution.T, rtol=1e-8, atol=1e-10)
 
 
-def test_sequential_update_runs_in_whole_model_mode_too(tiny, tmp_path):
-    whole = LayerwiseOptions(enabled=False, compressed_inputs=True, sequential_update=True)
-    layer = LayerwiseOptions(enabled=True, compressed_inputs=True, sequential_update=True)
+@pytest.mark.parametrize(("target", "compressed_inputs"), [("dense", True), ("local", False)])
+def test_sequential_update_runs_in_whole_model_mode_too(tiny, tmp_path, target, compressed_inputs):
+    whole = LayerwiseOptions(enabled=False, compressed_inputs=compressed_inputs, sequential_update=True,
+                             update_target=target)
+    layer = LayerwiseOptions(enabled=True, compressed_inputs=compressed_inputs, sequential_update=True,
+                             update_target=target)
     a, model_a = compress(tiny, tmp_path / "a", Uniform(), layerwise=whole)
     b, model_b = compress(tiny, tmp_path / "b", Uniform(), layerwise=layer)
     assert a.diagnostics["sequential_update"] and a.ranks == b.ranks
     assert a.metrics["ppl/embedded"] == pytest.approx(b.metrics["ppl/embedded"], rel=1e-5)
-    with pytest.raises(ConfigError, match="compressed_inputs=true too"):
-        LayerwiseOptions(sequential_update=True)
+
+
+def test_bad_update_target_is_named():
+    with pytest.raises(ConfigError, match="update_target='lsq' is not one of"):
+        LayerwiseOptions(sequential_update=True, update_target="lsq")

@@ -1,19 +1,26 @@
-"""Sequential error correction: each low-rank pair re-fitted towards the dense model's outputs.
+"""Sequential error correction: each low-rank pair re-fitted in closed form on the inputs it
+meets in the compressed model.
 
-For a target linear y = W x + b0 of block i, let x_d be its input in the dense model and x_c
-its input in the model whose blocks before i are already compressed (and corrected). Once the
-block is factorized to y' = B A x + b, the second factor (and the bias, when the layer has one)
-is re-fitted in closed form with A fixed:
+For a target linear y = W x + b0 of block i, let x_c be its input in the model whose blocks
+before i are already compressed (and corrected), and x_d its input in the dense model. Once
+the block is factorized to y' = B A x + b, the second factor (and the bias, when the layer has
+one) is re-fitted with A fixed, towards one of two targets t(x) (``update_target``):
 
-    [B b] = argmin_{B, b} sum_t || B A x_c,t + b - (W x_d,t + b0) ||²  =  M (Z Zᵀ)⁻¹,
-    Z = [A X_c; 1ᵀ],   M = (W X_d + b0 1ᵀ) Zᵀ,
+* ``local`` (SVD-LLM's released code): the dense layer applied to the same compressed input,
+  t = W x_c + b0. The pair re-learns its own truncation on the inputs it will see; this is
+  ``whitening_local_update`` / ``local_update.add_batch_update_u`` in SVDLLM.py of
+  AIoT-MLSys-Lab/SVD-LLM (a least squares per layer, A from the dense model's whitening);
+* ``dense``: the dense model's output, t = W x_d + b0, so each pair also absorbs the drift the
+  compressed blocks before it left in its input.
 
-least squares on the second factor, as SVD-LLM's sequential update fits it by gradient steps
-(arXiv 2403.07378, Sec. 3.3). Only sums over the calibration tokens are needed, per shared
-input: C = sum x_d x_cᵀ, G = sum x_c x_cᵀ, s_c = sum x_c, s_d = sum x_d and the token count.
-The current (B, b) is one candidate of the least squares, so the error of every linear on
-its calibration tokens never grows. Layers without a bias keep none (the parameter count is
-unchanged).
+    [B b] = argmin_{B, b} sum_t || B A x_c,t + b - t(x_t) ||²  =  M (Z Zᵀ)⁻¹,
+    Z = [A X_c; 1ᵀ],   M = T Zᵀ,
+
+with T the targets. Only sums over the calibration tokens are needed, per shared input:
+C = sum x_t x_cᵀ, G = sum x_c x_cᵀ, s_c = sum x_c, s_t = sum x_t and the token count, where x_t
+is x_d (``dense``) or x_c itself (``local``). The current (B, b) is one candidate of the least
+squares, so the error of every linear on its calibration tokens never grows. Layers without a
+bias keep none (the parameter count is unchanged).
 """
 
 from __future__ import annotations
@@ -38,11 +45,11 @@ RIDGE = 1e-10
 class PairedMoments:
     """Sums over the calibration tokens of one input seen in both models (float64)."""
 
-    cross: torch.Tensor  # sum x_d x_cᵀ (n x n)
+    cross: torch.Tensor  # sum x_t x_cᵀ (n x n)
     gram: torch.Tensor  # sum x_c x_cᵀ (n x n)
-    dense_gram: torch.Tensor  # sum x_d x_dᵀ (n x n): only to report the error before and after
+    dense_gram: torch.Tensor  # sum x_t x_tᵀ (n x n): only to report the error before and after
     sum_c: torch.Tensor  # sum x_c (n)
-    sum_d: torch.Tensor  # sum x_d (n)
+    sum_d: torch.Tensor  # sum x_t (n)
     tokens: int = 0
 
     @classmethod
@@ -51,7 +58,8 @@ class PairedMoments:
         return cls(*(torch.zeros(n, n, **f64) for _ in range(3)), torch.zeros(n, **f64), torch.zeros(n, **f64))
 
     def add(self, dense: torch.Tensor, compressed: torch.Tensor) -> None:
-        """Add the tokens of one batch: ``dense`` and ``compressed`` inputs (tokens x n), paired by row."""
+        """Add the tokens of one batch: the inputs the targets are taken on (``dense``: x_t) and the
+        ``compressed`` inputs (tokens x n), paired by row."""
         xd, xc = dense.double(), compressed.double()
         self.cross += xd.T @ xc
         self.gram += xc.T @ xc
@@ -134,12 +142,15 @@ def dense_copies(model: nn.Module, targets: Iterable[TargetLinear]) -> dict[str,
     return copies
 
 
-def paired_pass(model: nn.Module, index: int, dense: BlockStream, compressed: BlockStream,
-                targets: Iterable[TargetLinear]) -> dict[str, PairedMoments]:
-    """Run dense block ``index`` over both streams, batch by batch, summing each shared input's
-    paired moments; the dense stream advances past the block, the compressed one does not."""
-    if not dense.position == compressed.position == index:
-        raise RuntimeError(f"paired pass at block {index}: streams at {dense.position} and {compressed.position}")
+def paired_pass(model: nn.Module, index: int, compressed: BlockStream, targets: Iterable[TargetLinear],
+                dense: BlockStream | None = None) -> dict[str, PairedMoments]:
+    """Run dense block ``index`` over the ``compressed`` stream, batch by batch, summing each shared
+    input's paired moments. With a ``dense`` stream the targets are the dense model's (x_t = x_d;
+    that stream advances past the block); without, they are the dense layer's on the compressed
+    input (x_t = x_c, SVD-LLM's local update). The compressed stream does not advance."""
+    if dense is not None and dense.position != index or compressed.position != index:
+        raise RuntimeError(f"paired pass at block {index}: streams at "
+                           f"{dense.position if dense is not None else '-'} and {compressed.position}")
     groups = {t.group for t in targets}
     captured: dict[str, torch.Tensor] = {}
     moments: dict[str, PairedMoments] = {}
@@ -154,17 +165,18 @@ def paired_pass(model: nn.Module, index: int, dense: BlockStream, compressed: Bl
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             if name not in moments:
                 moments[name] = PairedMoments.zeros(x.shape[-1], x.device)
-            moments[name].add(captured.pop(name), x)
+            moments[name].add(captured.pop(name) if dense is not None else x, x)
         return hook
 
-    block = dense.blocks[index]
+    block = compressed.blocks[index]
     outputs = []
     with torch.inference_mode():
-        for h_d, kw_d, h_c, kw_c in zip(dense.hidden, dense.kwargs[index], compressed.hidden,
-                                        compressed.kwargs[index], strict=True):
-            with hooks_on(model, {g: capture(g) for g in groups}):
-                outputs.append(block_output(block(h_d, **kw_d)))
+        for batch, (h_c, kw_c) in enumerate(zip(compressed.hidden, compressed.kwargs[index], strict=True)):
+            if dense is not None:
+                with hooks_on(model, {g: capture(g) for g in groups}):
+                    outputs.append(block_output(block(dense.hidden[batch], **dense.kwargs[index][batch])))
             with hooks_on(model, {g: accumulate(g) for g in groups}):
                 block(h_c, **kw_c)
-    dense.hidden, dense.position = outputs, index + 1
+    if dense is not None:
+        dense.hidden, dense.position = outputs, index + 1
     return moments

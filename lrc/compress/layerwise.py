@@ -7,7 +7,9 @@ statistics and the activations are ever on the device. With ``compressed_inputs`
 sees the outputs of the already compressed blocks before it (statistics of the compressed
 model, as in sequential SVD-LLM); otherwise the dense outputs, which gives exactly the
 statistics, plan and model of whole-model mode. Statistics are cached per block, so a second
-pass reads them back instead of holding every block's statistics.
+pass reads them back instead of holding every block's statistics. ``sequential_update``
+re-fits each factorized pair on the inputs it meets in the compressed model
+(:mod:`lrc.compress.correction`), whichever statistics the factorizer used.
 """
 
 from __future__ import annotations
@@ -37,27 +39,30 @@ from lrc.stats.kinds import FISHER, parse_kind
 from lrc.stats.types import InputStatistics
 
 
+UPDATE_TARGETS = ("local", "dense")
+
+
 @dataclass(frozen=True)
 class LayerwiseOptions:
     """``layerwise`` in the run config."""
 
     enabled: bool = False
-    compressed_inputs: bool = False  # feed each block the outputs of the compressed blocks before it
-    sequential_update: bool = False  # and re-fit each factorized pair towards the dense outputs (correction.py)
+    compressed_inputs: bool = False  # statistics of each block from the outputs of the compressed blocks before it
+    sequential_update: bool = False  # re-fit each factorized pair on its compressed inputs (correction.py)
+    update_target: str = "local"  # local: the dense layer on those inputs (SVD-LLM) | dense: the dense model
 
     def __post_init__(self) -> None:
-        for key, value in vars(self).items():
-            if not isinstance(value, bool):
-                raise ConfigError(f"layerwise.{key}={value!r} must be true or false")
-        if self.sequential_update and not self.compressed_inputs:
-            raise ConfigError("layerwise.sequential_update=true corrects each block on the outputs of the compressed "
-                              "blocks before it: set layerwise.compressed_inputs=true too")
+        for key in ("enabled", "compressed_inputs", "sequential_update"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"layerwise.{key}={getattr(self, key)!r} must be true or false")
+        if self.update_target not in UPDATE_TARGETS:
+            raise ConfigError(f"layerwise.update_target={self.update_target!r} is not one of {UPDATE_TARGETS}")
 
     @property
     def sequential(self) -> bool:
         """Whether blocks are visited one at a time (layer-wise mode, or a sequential method in
         whole-model mode, where the blocks are already on the device)."""
-        return self.enabled or self.compressed_inputs
+        return self.enabled or self.compressed_inputs or self.sequential_update
 
 
 def check_layerwise(kinds: frozenset[str]) -> None:
@@ -81,6 +86,7 @@ class Placement:
     compressed_inputs: bool
     factorizer: dict[str, Any]
     sequential_update: bool = False
+    update_target: str = "local"  # the sequential update's target (lrc.compress.correction)
 
 
 class Layerwise:
@@ -104,7 +110,7 @@ class Layerwise:
         if plan is not None:  # statistics of the compressed model depend on everything before
             inputs = {"factorizer": self.placement.factorizer, "plan": plan_digest(plan)}
             if self.placement.sequential_update:  # ... and on the corrections of the blocks before
-                inputs["sequential_update"] = True
+                inputs["sequential_update"] = self.placement.update_target
         return statistics_key(self.source.base, self.by_block.get(index, []), mode=self.mode, block=index,
                               inputs=inputs)
 
@@ -138,26 +144,35 @@ class Layerwise:
 
     def visits(self, plan: Mapping[str, int] | None) -> Iterator[Visit]:
         keyed = self._keyed(plan)
-        compressed = keyed is not None
-        correcting = compressed and self.placement.sequential_update
+        correcting = plan is not None and self.placement.sequential_update
+        feeding = keyed is not None or correcting  # the stream carries the compressed model's activations
+        # with dense statistics the update still needs them, from a dense stream unless cached
+        dense_stats = correcting and keyed is None
+        needs_dense = correcting and (self.placement.update_target == "dense" or (
+            dense_stats and bool(self.source.kinds) and not self.statistics_cached(plan)))
         with self.watch("calibration_s"):
             stream = self._stream(plan, force=correcting)
-            dense = self._fresh_stream() if correcting else None  # the dense model's activations
+            dense = self._fresh_stream() if needs_dense else None  # the dense model's activations
         device, home = self.placement.device, self.placement.home
         for index in tqdm(range(len(self.blocks)), desc="layer-wise", leave=False, disable=None):
             with home.visit(index, self.blocks[index], device):
                 targets = self.by_block.get(index, [])
                 with self.watch("calibration_s"):
-                    stats = self._block_statistics(index, stream, keyed, needed=self._needed(index, plan))
+                    if dense_stats:  # the dense stream advances here unless the update takes its targets
+                        stats = self._block_statistics(index, dense, None, needed=self._needed(index, plan),
+                                                       advance=self.placement.update_target != "dense")
+                    else:
+                        stats = self._block_statistics(index, stream, keyed, needed=self._needed(index, plan))
                     if correcting:
-                        moments = paired_pass(self.model, index, dense, stream, targets)
+                        targets_from = dense if self.placement.update_target == "dense" else None
+                        moments = paired_pass(self.model, index, stream, targets, targets_from)
                         originals = dense_copies(self.model, targets)
                 yield Visit(targets, stats, self._key(index, keyed))
                 if correcting:
                     with self.watch("sequential_update_s"):
                         self.corrections.update(correct_block(self.model, targets, originals, moments))
                     del moments, originals
-                if compressed and stream is not None:
+                if feeding and stream is not None:
                     with self.watch("calibration_s"):
                         stream.run(index, advance=True)  # the compressed block's outputs
 
@@ -173,11 +188,12 @@ class Layerwise:
         return BlockStream(self.model, self.source.windows, self.source.batch_size, self.placement.device)
 
     def _block_statistics(self, index: int, stream: BlockStream | None, plan: Mapping[str, int] | None,
-                          needed: bool) -> dict[str, InputStatistics]:
+                          needed: bool, advance: bool | None = None) -> dict[str, InputStatistics]:
         """Statistics of block ``index`` (cached or computed); runs the block when ``stream`` is
         given, advancing it unless the block is to be compressed before its outputs are taken
-        (``plan``: statistics of the compressed model)."""
-        advance, ran, source = plan is None, False, self.source
+        (``plan``: statistics of the compressed model) or ``advance`` says otherwise."""
+        advance = plan is None if advance is None else advance
+        ran, source = False, self.source
 
         def compute(missing: frozenset[str]) -> dict[str, InputStatistics]:
             nonlocal ran
