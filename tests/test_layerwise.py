@@ -289,13 +289,13 @@ def test_a_failure_mid_pass_returns_the_visited_block_at_once(tiny, tmp_path):
         pytest.fail("the injected failure did not surface")
 
 
-UPDATES = [(SVDLLM, "local", False), (SVDLLM, "dense", True), (FeaturePCA, "local", False),
-           (FeaturePCA, "dense", True)]
+UPDATES = [(SVDLLM, "local", False), (SVDLLM, "dense", True), (SVDLLM, "dense", False),
+           (FeaturePCA, "local", False), (FeaturePCA, "dense", True)]
 
 
 @pytest.mark.parametrize(("factorizer", "target", "compressed_inputs"), UPDATES,
-                         ids=["svdllm local (SVD-LLM)", "svdllm dense", "feature_pca local (bias re-fitted)",
-                              "feature_pca dense"])
+                         ids=["svdllm local (SVD-LLM)", "svdllm dense", "svdllm dense, dense statistics",
+                              "feature_pca local (bias re-fitted)", "feature_pca dense"])
 def test_sequential_update_never_increases_a_linears_output_error(tiny, tmp_path, factorizer, target,
                                                                   compressed_inputs):
     options = LayerwiseOptions(enabled=True, compressed_inputs=compressed_inputs, sequential_update=True,
@@ -373,7 +373,23 @@ def test_sequential_update_error_matches_a_direct_computation(rng):
                                torch.linalg.lstsq(Z, Xc @ W.T + b0).solution.T, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize(("target", "compressed_inputs"), [("dense", True), ("local", False)])
+def test_update_on_cached_dense_statistics_equals_the_update_that_computes_them(tiny, tmp_path):
+    """The second run finds the dense statistics cached and runs no dense stream (local target):
+    the same corrections and model as the first, which computed them from that stream."""
+    options = LayerwiseOptions(enabled=True, sequential_update=True)
+    first, model_a = compress(tiny, tmp_path, Uniform(), layerwise=options)
+    second, model_b = compress(tiny, tmp_path, Uniform(), layerwise=options)
+    assert first.diagnostics["statistics_computed"] and not second.diagnostics["statistics_computed"]
+    assert second.diagnostics["calibration_passes"] == first.diagnostics["calibration_passes"] - 1
+    errors_a, errors_b = first.diagnostics["sequential_update"], second.diagnostics["sequential_update"]
+    assert errors_a.keys() == errors_b.keys()
+    for name in errors_a:
+        assert errors_b[name] == pytest.approx(errors_a[name], rel=1e-9), name
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize(("target", "compressed_inputs"), [("dense", True), ("local", False), ("dense", False)])
 def test_sequential_update_runs_in_whole_model_mode_too(tiny, tmp_path, target, compressed_inputs):
     whole = LayerwiseOptions(enabled=False, compressed_inputs=compressed_inputs, sequential_update=True,
                              update_target=target)

@@ -60,12 +60,19 @@ class PairedMoments:
     def add(self, dense: torch.Tensor, compressed: torch.Tensor) -> None:
         """Add the tokens of one batch: the inputs the targets are taken on (``dense``: x_t) and the
         ``compressed`` inputs (tokens x n), paired by row."""
-        xd, xc = dense.double(), compressed.double()
-        self.cross += xd.T @ xc
-        self.gram += xc.T @ xc
-        self.dense_gram += xd.T @ xd
-        self.sum_c += xc.sum(0)
-        self.sum_d += xd.sum(0)
+        xc = compressed.double()
+        gram, total = xc.T @ xc, xc.sum(0)
+        if dense is compressed:  # the local target: every sum is the same one, computed once
+            cross = dense_gram = gram
+            total_d = total
+        else:
+            xd = dense.double()
+            cross, dense_gram, total_d = xd.T @ xc, xd.T @ xd, xd.sum(0)
+        self.cross += cross
+        self.gram += gram
+        self.dense_gram += dense_gram
+        self.sum_c += total
+        self.sum_d += total_d
         self.tokens += xc.shape[0]
 
 

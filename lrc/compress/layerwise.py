@@ -68,8 +68,9 @@ class LayerwiseOptions:
 def check_layerwise(kinds: frozenset[str]) -> None:
     """Layer-wise mode runs forward passes only; reject kinds that need the whole model."""
     if any(parse_kind(k)[0] == FISHER for k in kinds):
-        raise ConfigError("layerwise=true: the fisher statistic (factorizer=fwsvd) needs a backward pass "
-                          "through the whole model; use layerwise.enabled=false")
+        raise ConfigError("the fisher statistic (factorizer=fwsvd) needs a backward pass through the whole "
+                          "model, but layerwise.enabled, compressed_inputs or sequential_update visits one block "
+                          "at a time: set them to false")
 
 
 def plan_digest(plan: Mapping[str, int]) -> str:
@@ -152,7 +153,10 @@ class Layerwise:
             dense_stats and bool(self.source.kinds) and not self.statistics_cached(plan)))
         with self.watch("calibration_s"):
             stream = self._stream(plan, force=correcting)
-            dense = self._fresh_stream() if needs_dense else None  # the dense model's activations
+            dense = None
+            if needs_dense:  # the dense model's activations
+                self.counter.passes += 1
+                dense = self._fresh_stream()
         device, home = self.placement.device, self.placement.home
         for index in tqdm(range(len(self.blocks)), desc="layer-wise", leave=False, disable=None):
             with home.visit(index, self.blocks[index], device):
