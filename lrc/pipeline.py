@@ -169,8 +169,7 @@ def block_visitor(loaded: LoadedModel, task: Task, spec: RunSpec, windows: torch
     # layer-wise mode, or whole-model mode with compressed inputs: one block at a time (in whole-model
     # mode the blocks already live on the device, so a visit moves nothing)
     device = settings.device if options.enabled and settings.device is not None else loaded.device
-    placement = Placement(device, loaded.blocks, options.compressed_inputs, spec.method.factorizer.describe(),
-                          options.sequential_update, options.update_target)
+    placement = Placement(device, loaded.blocks, options, spec.method.factorizer.describe())
     return Layerwise(task.model, task.targets, source, placement, watch)
 
 

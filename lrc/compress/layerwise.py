@@ -79,15 +79,14 @@ def plan_digest(plan: Mapping[str, int]) -> str:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where layer-wise mode works: the device, where blocks live between visits, what each
-    block is fed (``compressed_inputs``) and the factorizer identity that feed depends on."""
+    """Where layer-wise mode works: the device, where blocks live between visits, the
+    ``layerwise`` options (what each block is fed, the sequential update) and the factorizer
+    identity the compressed feed depends on."""
 
     device: torch.device
     home: ResidentBlocks | StreamedBlocks
-    compressed_inputs: bool
+    options: LayerwiseOptions
     factorizer: dict[str, Any]
-    sequential_update: bool = False
-    update_target: str = "local"  # the sequential update's target (lrc.compress.correction)
 
 
 class Layerwise:
@@ -110,8 +109,8 @@ class Layerwise:
         inputs: Any = "dense"
         if plan is not None:  # statistics of the compressed model depend on everything before
             inputs = {"factorizer": self.placement.factorizer, "plan": plan_digest(plan)}
-            if self.placement.sequential_update:  # ... and on the corrections of the blocks before
-                inputs["sequential_update"] = self.placement.update_target
+            if self.placement.options.sequential_update:  # ... and on the corrections of the blocks before
+                inputs["sequential_update"] = self.placement.options.update_target
         return statistics_key(self.source.base, self.by_block.get(index, []), mode=self.mode, block=index,
                               inputs=inputs)
 
@@ -123,7 +122,7 @@ class Layerwise:
     @property
     def refreshes_statistics(self) -> bool:
         """Whether the factorizing pass sees other statistics than the survey (compressed inputs)."""
-        return self.placement.compressed_inputs
+        return self.placement.options.compressed_inputs
 
     @property
     def moved_seconds(self) -> float:
@@ -135,7 +134,7 @@ class Layerwise:
 
     def _keyed(self, plan: Mapping[str, int] | None) -> Mapping[str, int] | None:
         """The plan the statistics depend on: with compressed inputs, the plan; else none (dense)."""
-        return plan if plan is not None and self.placement.compressed_inputs else None
+        return plan if plan is not None and self.placement.options.compressed_inputs else None
 
     def statistics_cached(self, plan: Mapping[str, int] | None = None) -> bool:
         """Whether every block the pass for ``plan`` needs has its statistics cached."""
@@ -145,18 +144,15 @@ class Layerwise:
 
     def visits(self, plan: Mapping[str, int] | None) -> Iterator[Visit]:
         keyed = self._keyed(plan)
-        correcting = plan is not None and self.placement.sequential_update
+        correcting = plan is not None and self.placement.options.sequential_update
         feeding = keyed is not None or correcting  # the stream carries the compressed model's activations
         # with dense statistics the update still needs them, from a dense stream unless cached
         dense_stats = correcting and keyed is None
-        needs_dense = correcting and (self.placement.update_target == "dense" or (
+        needs_dense = correcting and (self.placement.options.update_target == "dense" or (
             dense_stats and bool(self.source.kinds) and not self.statistics_cached(plan)))
         with self.watch("calibration_s"):
             stream = self._stream(plan, force=correcting)
-            dense = None
-            if needs_dense:  # the dense model's activations
-                self.counter.passes += 1
-                dense = self._fresh_stream()
+            dense = self._fresh_stream() if needs_dense else None  # the dense model's activations
         device, home = self.placement.device, self.placement.home
         for index in tqdm(range(len(self.blocks)), desc="layer-wise", leave=False, disable=None):
             with home.visit(index, self.blocks[index], device):
@@ -164,11 +160,11 @@ class Layerwise:
                 with self.watch("calibration_s"):
                     if dense_stats:  # the dense stream advances here unless the update takes its targets
                         stats = self._block_statistics(index, dense, None, needed=self._needed(index, plan),
-                                                       advance=self.placement.update_target != "dense")
+                                                       advance=self.placement.options.update_target != "dense")
                     else:
                         stats = self._block_statistics(index, stream, keyed, needed=self._needed(index, plan))
                     if correcting:
-                        targets_from = dense if self.placement.update_target == "dense" else None
+                        targets_from = dense if self.placement.options.update_target == "dense" else None
                         moments = paired_pass(self.model, index, stream, targets, targets_from)
                         originals = dense_copies(self.model, targets)
                 yield Visit(targets, stats, self._key(index, keyed))
@@ -185,10 +181,11 @@ class Layerwise:
         needed statistic is cached (then no block's outputs are needed) unless ``force``."""
         if not force and (not self.source.kinds or self.statistics_cached(plan)):
             return None
-        self.counter.passes += 1
         return self._fresh_stream()
 
     def _fresh_stream(self) -> BlockStream:
+        """A stream of calibration activations from the first block: one more calibration pass."""
+        self.counter.passes += 1
         return BlockStream(self.model, self.source.windows, self.source.batch_size, self.placement.device)
 
     def _block_statistics(self, index: int, stream: BlockStream | None, plan: Mapping[str, int] | None,
