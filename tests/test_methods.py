@@ -21,11 +21,13 @@ ARGS = {"asvd": ["allocator.validation.nsamples=1", "allocator.validation.seqlen
         "ressvd": ["allocator.validation.nsamples=2", "allocator.validation.seqlen=64"],
         "composite": ["allocator.search_trials=2", *SMALL_SEARCH[1:]],
         "composite_lora": ["allocator.search_trials=2", *SMALL_SEARCH[1:], "finetune.steps=2", "finetune.nsamples=2",
-                           "finetune.seqlen=32", "finetune.batch_size=1"]}
+                           "finetune.seqlen=32", "finetune.batch_size=1"],
+        "composite_mixed": ["allocator.search_trials=2", *SMALL_SEARCH[1:]]}
 EXPECTED = {"svd": ("uniform", "svd"), "asvd": ("asvd", "asvd"), "fwsvd": ("uniform", "fwsvd"),
             "svdllm": ("uniform", "svdllm"), "bolaco": ("bolaco", "feature_pca"),
             "bolaco_lrc": ("bolaco_lrc", "feature_pca"), "mgaa": ("mgaa", "svdllm"), "ressvd": ("ressvd_plc", "ressvd"),
-            "composite": ("composite_search", "svdllm_robust"), "composite_lora": ("composite_search", "svdllm_robust")}
+            "composite": ("composite_search", "svdllm_robust"), "composite_lora": ("composite_search", "svdllm_robust"),
+            "composite_mixed": ("composite_search", "svdllm_robust"), "mgaa_sequential": ("mgaa", "svdllm")}
 
 
 def test_the_published_methods_are_all_there():
@@ -86,3 +88,19 @@ def test_options_go_on_top_of_a_method():
     assert isinstance(job.method.allocator, KeepDense) and job.method.allocator.kinds == ("v_proj",)
     assert job.method.allocator.inner.n_trials == 7 and job.method.allocator.validation.objective == "log"
     assert job.method.allocator.inner.budget == "window" and job.method.allocator.inner.rank_multiple == 8
+
+
+def test_mgaa_sequential_updates_every_pair_without_raising_its_error(tmp_path):
+    record = run(compose([*TINY, "method=mgaa_sequential", "ratio=0.3"]), tmp_path)
+    assert record["config"]["layerwise"]["sequential_update"] and record["config"]["layerwise"]["update_target"] == "local"
+    errors = record["diagnostics"]["sequential_update"]
+    assert set(errors) == {n for n, r in record["ranks"].items() if r < min(record["diagnostics"]["shapes"][n])}
+    assert all(after <= before * (1 + 1e-9) for before, after in errors.values())
+
+
+def test_composite_mixed_calibrates_on_both_texts(tmp_path):
+    cfg = compose([*TINY, "method=composite_mixed", "ratio=0.3", *ARGS["composite_mixed"]])
+    assert cfg.calibration.name == "mixed" and set(cfg.calibration.source.components) == {"embedded", "text"}
+    assert cfg.calibration.path == "/usr/share/common-licenses"
+    job = run_spec(cfg)
+    assert type(job.method.allocator) is type(run_spec(compose([*TINY, "method=composite"])).method.allocator)
